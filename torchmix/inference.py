@@ -47,13 +47,15 @@ def meat(scores: torch.Tensor, small_sample: str = "G/(G-1)") -> torch.Tensor:
 
 
 def safe_inverse_negative_hessian(hess: torch.Tensor, what: str = "parameters") -> torch.Tensor:
-    r"""Inverse of :math:`-\mathcal H`, with a warning and an eigenvalue floor when it is
-    not positive definite or its condition number exceeds :math:`\epsilon^{-1/4}`... of the
-    float64 machine epsilon squared (``1e8``) would be too strict; we use :math:`\epsilon^{-1/2}`.
+    r"""Inverse of :math:`-\mathcal H` (symmetrised).
+
+    When :math:`-\mathcal H` is not positive definite (an eigenvalue below
+    :math:`\sqrt{\epsilon}` times the largest) a warning is issued and those eigenvalues are
+    floored there (nearest positive definite matrix), so the standard errors are approximate.
 
     Returns
     -------
-    tensor ``(k, k)``: :math:`(-\mathcal H)^{-1}` (symmetrised).
+    tensor ``(k, k)``
     """
     a = -0.5 * (hess + hess.transpose(0, 1))
     evals, evecs = torch.linalg.eigh(a)
