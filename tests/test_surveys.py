@@ -246,3 +246,16 @@ def test_no_survey_passes_through():
     assert compat.scaled_as_unconditional
     with pytest.raises(WeightError, match="weights"):
         resolve_survey(None, None, weights=[1, 2])
+
+
+def test_plan_scaler_matches_design_callable(design):
+    codes, w1_cond, w2, w1_uncond = design
+    w2_groups = np.zeros(codes.max() + 1)
+    w2_groups[codes] = w2
+    plan = resolve_survey("PISA", PISA_COLS)
+    out, note = plan.scaler()(w1_uncond, w2_groups, codes, False)
+    np.testing.assert_array_equal(out, apply_scaling(w1_uncond, w2, codes, "A"))
+    assert note == plan.note
+    assert resolve_survey("PISA", PISA_COLS, scaling="none").scaler() is None
+    e3 = resolve_survey("PISA", PISA_COLS, edsurvey_compat=True).scaler()(w1_uncond, w2_groups, codes, False)[0]
+    np.testing.assert_allclose(e3, apply_scaling(w1_uncond, w2, codes, "B") / w2, rtol=1e-15)

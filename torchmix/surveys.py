@@ -348,9 +348,32 @@ class SurveyPlan:
         return data.assign(**extra) if extra else data
 
     def apply(self, w1, w2, group_codes) -> np.ndarray:
-        """:func:`apply_scaling` with this plan's method, input type and compat flag."""
+        """:func:`apply_scaling` with this plan's method, input type and compat flag
+        (``w2``: per-row unconditional level-2 weight)."""
         return apply_scaling(w1, w2, group_codes, self.scaling, conditional_input=self.cweights,
                              scaled_as_unconditional=self.scaled_as_unconditional)
+
+    def scaler(self):
+        """A callable for :func:`torchmix.design.build_design` (``scaler=``), or None when
+        there is nothing to scale.
+
+        The callable takes ``(w1, w2_groups, codes2, conditional_input)`` -- the cleaned
+        level-1 weights ``(N,)``, the unconditional level-2 weight of each level-2 group
+        ``(G2,)``, the level-2 code of each row ``(N,)`` and whether ``w1`` is conditional -- and
+        returns ``(conditional w1 (N,), note)``.
+        """
+        if self.scaling is None:
+            return None
+        method, e3, note = self.scaling, self.scaled_as_unconditional, self.note
+
+        def scale(w1, w2_groups, codes2, conditional_input):
+            codes = np.asarray(codes2)
+            w2_rows = np.asarray(w2_groups, dtype=np.float64)[codes]
+            out = apply_scaling(w1, w2_rows, codes, method, conditional_input=bool(conditional_input),
+                                scaled_as_unconditional=e3)
+            return out, note
+
+        return scale
 
 
 def _user_weights(weights) -> Optional[tuple]:
