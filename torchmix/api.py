@@ -1,0 +1,251 @@
+"""``mix()``: the one public entry point. Orchestration only; the math lives elsewhere.
+
+formula -> :mod:`~torchmix.formula`; data and weights -> :mod:`~torchmix.design` (with
+:mod:`~torchmix.surveys` for presets and scaling); family -> :mod:`~torchmix.families`;
+fit -> :mod:`~torchmix.fit`; labels -> :mod:`~torchmix.results`; plausible values ->
+:mod:`~torchmix.plausible`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .design import Design, build_design
+from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
+from .fit.gaussian import fit_gaussian
+from .formula import parse_formula
+from .results import MixedResults
+
+__all__ = ["mix", "Prepared"]
+
+_DEPRECATED = ("acc0", "fast", "keepAdapting", "run", "keep_adapting")
+_DTYPES = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class Prepared:
+    """A model ready to fit: design built once, shared by every plausible value."""
+
+    design: Design
+    family: object
+    options: dict
+    call: str
+    responses: Optional[dict] = None     # plausible values: column -> (N,) tensor
+    response_name: Optional[str] = None  # the formula's response when plausible values are used
+    plan: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_gaussian(self) -> bool:
+        fam = self.family
+        return fam is None or bool(getattr(fam, "is_gaussian_identity", False))
+
+
+def _resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a valid torch device (use 'cpu' or 'cuda')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported (use 'cpu' or 'cuda')")
+    return dev
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.replace("torch.", "")]
+    raise ConfigError(f"dtype {dtype!r} is not supported (use 'float64' or 'float32')")
+
+
+def _resolve_n_quad(n_quad) -> int:
+    if isinstance(n_quad, bool) or not isinstance(n_quad, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
+    if not math.isfinite(float(n_quad)) or round(float(n_quad)) <= 0:
+        raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
+    if float(n_quad) != round(float(n_quad)):
+        warnings.warn(f"n_quad={n_quad} is not an integer; rounded to {round(float(n_quad))}", TorchmixWarning,
+                      stacklevel=3)
+    return int(round(float(n_quad)))
+
+
+def _resolve_family(family, link):
+    try:
+        from .families import get_family
+    except ImportError:  # families module not yet available
+        class _G:
+            name, is_gaussian_identity = "gaussian", True
+        return _G()
+    return get_family(family, link)
+
+
+def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.ndarray:
+    if gaussian:
+        arr = np.asarray(y_raw)
+        if arr.dtype == bool:
+            arr = arr.astype(float)
+        if not np.issubdtype(arr.dtype, np.number):
+            raise DataError(f"the response {name!r} must be numeric for the gaussian family "
+                            f"(found values such as {list(pd.unique(arr))[:3]})")
+        arr = arr.astype(float)
+        if not np.isfinite(arr).all():
+            raise DataError(f"the response {name!r} has non-finite values")
+        return arr
+    return np.asarray(fam.validate(np.asarray(y_raw)), dtype=float)
+
+
+def _call_text(formula, data, weights, kwargs) -> str:
+    parts = [f"formula = {formula!r}", f"data = <DataFrame {data.shape[0]} x {data.shape[1]}>"]
+    if weights is not None:
+        parts.append(f"weights = {weights!r}")
+    parts += [f"{k} = {v!r}" for k, v in kwargs.items()]
+    return "mix(" + ", ".join(parts) + ")"
+
+
+def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", link=None, n_quad=13,
+             center_group=None, center_grand=None, scaling=None, survey=None, edsurvey_compat=False,
+             plausible_values=None, max_iter=200, tol=1e-8, small_sample="G/(G-1)", device="cpu",
+             dtype=torch.float64, progress=True, call="") -> Prepared:
+    """Check arguments, resolve the family and the weighting plan, and build the design once."""
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    parsed = parse_formula(formula)
+    dev, dt = _resolve_device(device), _resolve_dtype(dtype)
+    n_quad = _resolve_n_quad(n_quad)
+    if small_sample not in ("G/(G-1)", "none"):
+        raise ConfigError(f"small_sample must be 'G/(G-1)' or 'none', got {small_sample!r}")
+    if not isinstance(max_iter, (int, np.integer)) or isinstance(max_iter, bool) or max_iter <= 0:
+        raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
+        raise ConfigError(f"tol must be a positive number, got {tol!r}")
+
+    fam = _resolve_family(family, link)
+    gaussian = bool(getattr(fam, "is_gaussian_identity", False))
+
+    pv_cols, response_name = None, None
+    if plausible_values is not None:
+        if not isinstance(plausible_values, dict) or len(plausible_values) != 1:
+            raise ConfigError("plausible_values must map the formula's response to a list of columns, "
+                              f"e.g. {{'math': ['PV1MATH', 'PV2MATH']}}, got {plausible_values!r}")
+        response_name, pv_cols = next(iter(plausible_values.items()))
+        if response_name != parsed.response:
+            raise ConfigError(f"plausible_values names {response_name!r} but the formula's response is "
+                              f"{parsed.response!r}")
+        if isinstance(pv_cols, str) or not pv_cols or not all(isinstance(c, str) for c in pv_cols):
+            raise ConfigError(f"plausible_values[{response_name!r}] must be a non-empty list of column names")
+        missing = [c for c in pv_cols if c not in data.columns]
+        if missing:
+            raise DataError(f"plausible value column(s) not found in data: {', '.join(map(repr, missing))}")
+        parsed = replace(parsed, response=pv_cols[0])
+
+    from .surveys import resolve_survey
+
+    plan = resolve_survey(survey, list(data.columns), weights=weights, cweights=cweights, scaling=scaling,
+                          edsurvey_compat=edsurvey_compat)
+    data_w = plan.materialise(data)
+    scaler = plan.scaler()
+    design = build_design(parsed, data_w, list(plan.weights) if plan.weights else None, cweights=plan.cweights,
+                          center_group=center_group, center_grand=center_grand,
+                          extra_columns=list(pv_cols or []), scaler=scaler, dtype=dt, device=dev)
+    if plan.scaling is None and (survey is not None or edsurvey_compat) and plan.note:
+        design.notes.append(plan.note)
+    y = _validate_response(fam, design.y_raw, parsed.response, gaussian)
+    design.tensors = design.tensors.with_response(torch.as_tensor(y, dtype=dt, device=dev))
+    responses = None
+    if pv_cols is not None:
+        responses = {}
+        for col in pv_cols:
+            raw = data.loc[design.row_index, col].to_numpy()
+            responses[col] = torch.as_tensor(_validate_response(fam, raw, col, gaussian), dtype=dt, device=dev)
+    options = dict(n_quad=n_quad, max_iter=int(max_iter), tol=float(tol), small_sample=small_sample,
+                   device=str(dev), dtype=str(dt).replace("torch.", ""), progress=bool(progress))
+    return Prepared(design=design, family=fam, options=options, call=call, responses=responses,
+                    response_name=response_name, plan=plan)
+
+
+def _fit_one(prepared: Prepared, y: Optional[torch.Tensor] = None, start=None) -> MixedResults:
+    """Fit the prepared model once (optionally with another response vector ``y``)."""
+    tensors = prepared.design.tensors if y is None else prepared.design.tensors.with_response(y)
+    o = prepared.options
+    if prepared.is_gaussian:
+        out = fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"],
+                           small_sample=o["small_sample"], progress=o["progress"])
+    else:
+        from .fit.glmm import fit_glmm
+
+        out = fit_glmm(tensors, prepared.family, n_quad=o["n_quad"], start=start, max_iter=o["max_iter"],
+                       tol=o["tol"], small_sample=o["small_sample"], progress=o["progress"])
+    design = prepared.design
+    if y is not None:
+        design = replace(design, tensors=tensors)
+    return MixedResults(out, design, prepared.family, prepared.call, o)
+
+
+def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = False, family="gaussian",
+        link=None, n_quad: int = 13, center_group: Optional[dict] = None, center_grand=None, scaling=None,
+        survey: Optional[str] = None, edsurvey_compat: bool = False, plausible_values: Optional[dict] = None,
+        start=None, max_iter: int = 200, tol: float = 1e-8, small_sample: str = "G/(G-1)", device="cpu",
+        dtype=torch.float64, progress: bool = True, **deprecated):
+    """Fit a survey-weighted multilevel (mixed-effects) model.
+
+    Parameters
+    ----------
+    formula : lme4-style formula, e.g. ``"mAch ~ meanses + cses + (1 + cses | school)"``.
+    data : pandas DataFrame (never modified).
+    weights : weight column names, level 1 first (one per level); None = all ones.
+    cweights : False (default) when the weights are unconditional (inverse overall inclusion
+        probabilities), True when each level's weight is conditional on its parent being sampled.
+    family, link : ``"gaussian"`` (closed form), ``"binomial"``, ``"poisson"`` or a Family
+        instance; link name or instance (canonical default).
+    n_quad : Gauss-Hermite points per random effect (non-gaussian families; 1 = Laplace).
+    center_group : ``{"school": ["ses"]}``: weighted group-mean centering.
+    center_grand : ``["ses"]``: weighted grand-mean centering.
+    scaling : level-1 weight scaling ``None | "A" | "B" | "timss"`` (MATH.md 3).
+    survey : survey preset (``"PISA"``, ``"TIMSS"``, ...) choosing weight columns and scaling.
+    edsurvey_compat : reproduce EdSurvey ``mixed.sdf`` quirks (MATH.md 3, E1-E3).
+    plausible_values : ``{"math": ["PV1MATH", ...]}``: fit once per column and pool (Rubin).
+    start : starting values ``(beta, variance components)`` in reporting order.
+    max_iter, tol : optimiser iteration budget and gradient tolerance (normalised objective).
+    small_sample : ``"G/(G-1)"`` (default) or ``"none"``: factor of the sandwich meat.
+    device, dtype : where and in which precision to compute (float64 recommended).
+    progress : show progress bars.
+
+    Returns
+    -------
+    :class:`~torchmix.results.MixedResults`, or ``PooledResults`` with plausible values.
+    """
+    for name in list(deprecated):
+        if name in _DEPRECATED:
+            warnings.warn(f"argument {name!r} is accepted for WeMix compatibility and ignored", FutureWarning,
+                          stacklevel=2)
+            deprecated.pop(name)
+    if deprecated:
+        raise TypeError(f"mix() got unexpected keyword argument(s) {sorted(deprecated)}")
+    kwargs = {k: v for k, v in dict(cweights=cweights, family=family, link=link, scaling=scaling, survey=survey,
+                                    plausible_values=plausible_values).items() if v not in (None, False)}
+    if family == "gaussian":
+        kwargs.pop("family")
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got {type(formula).__name__}")
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
+                        center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
+                        edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
+                        tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
+                        call=_call_text(formula, data, weights, kwargs))
+    if prepared.responses is not None:
+        from .plausible import fit_plausible_values
+
+        return fit_plausible_values(prepared, prepared.responses, _fit_one, progress)
+    return _fit_one(prepared, start=start)
