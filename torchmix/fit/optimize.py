@@ -64,9 +64,10 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
         return val
 
     iterations, message = 0, "L-BFGS iteration budget reached"
+    last = float("inf")
     while iterations < max_iter:
         before = opt.state[opt._params[0]].get("n_iter", 0)
-        opt.step(closure)
+        start_val = float(opt.step(closure).detach())
         after = opt.state[opt._params[0]].get("n_iter", 0)
         iterations += max(after - before, 1)
         if progress is not None:
@@ -75,9 +76,12 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
         if not bool(torch.isfinite(g).all()):
             message = "non-finite gradient"
             break
-        if float(g.abs().max()) < tol or after == before:
+        now = float(f(x.detach()))
+        if float(g.abs().max()) < tol or after == before or abs(start_val - now) <= 1e-15 * (1 + abs(now)) \
+                or now == last:
             message = "L-BFGS converged"
             break
+        last = now
     x = x.detach()
     val, g = _value_and_grad(f, x)
     hess_f = hessian(f)
@@ -91,17 +95,19 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
             break
         step = -torch.cholesky_solve(g[:, None], chol).squeeze(1)
         alpha, accepted = 1.0, False
+        noise = 16 * torch.finfo(x.dtype).eps * (1 + abs(float(val)))
         for _ in range(30):
             cand = x + alpha * step
-            cval = f(cand).detach()
-            if bool(torch.isfinite(cval)) and float(cval) <= float(val) + 1e-4 * alpha * float(g @ step):
+            cval, cg = _value_and_grad(f, cand)
+            if bool(torch.isfinite(cval)) and (
+                    float(cval) <= float(val) + 1e-4 * alpha * float(g @ step)
+                    or (float(cval) <= float(val) + noise and float(cg.abs().max()) < float(g.abs().max()))):
                 accepted = True
                 break
             alpha *= 0.5
         if not accepted:
             break
-        x = cand
-        val, g = _value_and_grad(f, x)
+        x, val, g = cand, cval, cg
         iterations += 1
     grad_max = float(g.abs().max())
     converged = bool(torch.isfinite(val)) and grad_max < tol
