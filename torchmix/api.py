@@ -115,7 +115,7 @@ def _call_text(formula, data, weights, kwargs) -> str:
 def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", link=None, n_quad=13,
              center_group=None, center_grand=None, scaling=None, survey=None, edsurvey_compat=False,
              plausible_values=None, max_iter=200, tol=1e-8, small_sample="G/(G-1)", device="cpu",
-             dtype=torch.float64, progress=True, call="") -> Prepared:
+             dtype=torch.float64, progress=True, deterministic=False, call="") -> Prepared:
     """Check arguments, resolve the family and the weighting plan, and build the design once."""
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
@@ -168,7 +168,8 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
             raw = data.loc[design.row_index, col].to_numpy()
             responses[col] = torch.as_tensor(_validate_response(fam, raw, col, gaussian), dtype=dt, device=dev)
     options = dict(n_quad=n_quad, max_iter=int(max_iter), tol=float(tol), small_sample=small_sample,
-                   device=str(dev), dtype=str(dt).replace("torch.", ""), progress=bool(progress))
+                   device=str(dev), dtype=str(dt).replace("torch.", ""), progress=bool(progress),
+                   deterministic=bool(deterministic))
     return Prepared(design=design, family=fam, options=options, call=call, responses=responses,
                     response_name=response_name, plan=plan)
 
@@ -177,14 +178,20 @@ def _fit_one(prepared: Prepared, y: Optional[torch.Tensor] = None, start=None) -
     """Fit the prepared model once (optionally with another response vector ``y``)."""
     tensors = prepared.design.tensors if y is None else prepared.design.tensors.with_response(y)
     o = prepared.options
-    if prepared.is_gaussian:
-        out = fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"],
-                           small_sample=o["small_sample"], progress=o["progress"])
-    else:
-        from .fit.glmm import fit_glmm
+    previous = torch.are_deterministic_algorithms_enabled()
+    if o["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    try:
+        if prepared.is_gaussian:
+            out = fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"],
+                               small_sample=o["small_sample"], progress=o["progress"])
+        else:
+            from .fit.glmm import fit_glmm
 
-        out = fit_glmm(tensors, prepared.family, n_quad=o["n_quad"], start=start, max_iter=o["max_iter"],
-                       tol=o["tol"], small_sample=o["small_sample"], progress=o["progress"])
+            out = fit_glmm(tensors, prepared.family, n_quad=o["n_quad"], start=start, max_iter=o["max_iter"],
+                           tol=o["tol"], small_sample=o["small_sample"], progress=o["progress"])
+    finally:
+        torch.use_deterministic_algorithms(previous)
     design = prepared.design
     if y is not None:
         design = replace(design, tensors=tensors)
@@ -195,7 +202,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         link=None, n_quad: int = 13, center_group: Optional[dict] = None, center_grand=None, scaling=None,
         survey: Optional[str] = None, edsurvey_compat: bool = False, plausible_values: Optional[dict] = None,
         start=None, max_iter: int = 200, tol: float = 1e-8, small_sample: str = "G/(G-1)", device="cpu",
-        dtype=torch.float64, progress: bool = True, **deprecated):
+        dtype=torch.float64, progress: bool = True, deterministic: bool = False, **deprecated):
     """Fit a survey-weighted multilevel (mixed-effects) model.
 
     Parameters
@@ -219,6 +226,8 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     small_sample : ``"G/(G-1)"`` (default) or ``"none"``: factor of the sandwich meat.
     device, dtype : where and in which precision to compute (float64 recommended).
     progress : show progress bars.
+    deterministic : use deterministic algorithms (CUDA ``index_add`` is otherwise
+        nondeterministic in its last bits).
 
     Returns
     -------
@@ -243,7 +252,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
-                        call=_call_text(formula, data, weights, kwargs))
+                        deterministic=deterministic, call=_call_text(formula, data, weights, kwargs))
     if prepared.responses is not None:
         from .plausible import fit_plausible_values
 
