@@ -194,3 +194,16 @@ def test_bad_options(df):
 def test_deprecated_arguments_accepted_with_warning(df):
     with pytest.warns(FutureWarning, match="fast"):
         fit(F, df, fast=True)
+
+
+def test_zero_variance_on_the_boundary():
+    rng = np.random.default_rng(8)
+    g = np.repeat(np.arange(40), 5)
+    x = rng.normal(size=g.size)
+    y = 2 + x + rng.normal(size=g.size)  # no group effect at all
+    d = pd.DataFrame({"y": y - (pd.Series(y).groupby(g).transform("mean") - y.mean()), "x": x, "g": g.astype(str)})
+    with pytest.warns(tm.BoundaryWarning, match="zero"):
+        res = fit("y ~ x + (1|g)", d)
+    assert res.varcomp["g:(Intercept)"] == 0.0
+    assert np.isnan(res.varcomp_se["g:(Intercept)"])
+    assert np.isfinite(res.se).all() and np.isfinite(res.varcomp_se["Residual"])

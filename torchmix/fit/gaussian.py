@@ -23,7 +23,7 @@ from torch.func import hessian, jacfwd
 from tqdm.auto import tqdm
 
 from ..covariance import (diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
-                          normalise_theta_signs, tau_from_lambda, theta_from_tau)
+                          normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau)
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.gaussian import GaussianLikelihood
@@ -58,6 +58,64 @@ def _start_theta(tensors: ModelTensors, start, p: int) -> torch.Tensor:
         out.append(theta_from_tau(start[pos:pos + k], ts, scale=sigma2))
         pos += k
     return torch.cat(out)
+
+
+def _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, small_sample):
+    r"""Variance components and their sandwich covariance, level by level (MATH.md 7.3).
+
+    For level :math:`l`: :math:`V_{\psi_l} = \mathcal H_l^{-1}J_l\mathcal H_l^{-1}` over
+    :math:`\psi_l = (\theta_l, \sigma)` (boundary entries of :math:`\theta_l` held at 0), then
+    :math:`V_{\tau_l} = D_l V_{\psi_l} D_l^\top` with :math:`D_l = \partial\tau_l/\partial\psi_l`. The level-2
+    block also carries :math:`\sigma^2`; blocks of different levels are uncorrelated.
+
+    Returns
+    -------
+    tau : ``(n_tau,)`` (levels in order, residual last); tau_cov : ``(n_tau, n_tau)``.
+    """
+    n_psi = psi.numel()
+    taus, covs = [], []
+    offset = p
+    for l, ts in enumerate(term_sizes):
+        k = n_theta(ts)
+        free = torch.nonzero(~on_boundary[l].cpu()).reshape(-1)
+        idx = torch.cat([offset + free, torch.tensor([n_psi - 1])])
+        v_psi = sandwich(hess[idx][:, idx], scores[:, idx], small_sample, f"variance terms of level {l + 2}")
+
+        def tau_fn(sub, l=l, ts=ts, free=free):
+            th = thetas[l].index_put((free.to(thetas[l].device),), sub[:-1])
+            s2 = sub[-1] ** 2
+            tau_l = tau_from_lambda(lambda_from_theta(th, ts), ts, s2)
+            return torch.cat([tau_l, s2.reshape(1)]) if l == 0 else tau_l
+
+        sub = psi[idx]
+        d = jacfwd(tau_fn)(sub).detach()
+        taus.append(tau_fn(sub).detach())
+        covs.append(d @ v_psi @ d.transpose(0, 1))
+        offset += k
+    # level 2 carries the residual as its last entry: move it to the end
+    sizes = [t.numel() for t in taus]
+    n_tau = sum(sizes)
+    positions = [list(range(sizes[0] - 1)) + [n_tau - 1]]
+    start = sizes[0] - 1
+    for m in sizes[1:]:
+        positions.append(list(range(start, start + m)))
+        start += m
+    tau = torch.empty(n_tau, dtype=psi.dtype, device=psi.device)
+    tau_cov = torch.zeros(n_tau, n_tau, dtype=psi.dtype, device=psi.device)
+    for pos, t, c in zip(positions, taus, covs):
+        pos = torch.tensor(pos, device=psi.device)
+        tau[pos] = t
+        tau_cov[pos[:, None], pos[None, :]] = c
+    # a variance estimated at exactly zero (boundary) has no standard error
+    start = 0
+    for ts in term_sizes:
+        rows, cols = tau_index(ts)
+        for j, (r, c) in enumerate(zip(rows, cols)):
+            if r == c and float(tau[start + j]) == 0.0:
+                tau_cov[start + j, :] = float("nan")
+                tau_cov[:, start + j] = float("nan")
+        start += len(rows)
+    return tau, tau_cov
 
 
 def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol: float = 1e-8,
@@ -112,7 +170,6 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
 
     # ---------------------------------------------------------------- standard errors
     psi = torch.cat([beta] + thetas + [sigma.reshape(1)])
-    n_psi = psi.numel()
 
     def ell_k(vec):
         th = _split(vec[p:-1], sizes)
@@ -124,55 +181,7 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     cov_beta = sandwich(hess[ib, ib], scores[:, ib], small_sample, "fixed effects")
     cov_beta_model = safe_inverse_negative_hessian(hess[ib, ib], "fixed effects")
 
-    taus, tau_covs = [], []
-    offset = p
-    for l, (ts, k) in enumerate(zip(term_sizes, sizes)):
-        theta_idx = torch.arange(offset, offset + k)
-        free = ~on_boundary[l].cpu()
-        idx = torch.cat([theta_idx[free], torch.tensor([n_psi - 1])])
-        v_psi = sandwich(hess[idx][:, idx], scores[:, idx], small_sample, f"variance terms of level {l + 2}")
-
-        def tau_fn(sub, l=l, ts=ts, free=free, k=k, theta_idx=theta_idx):
-            free_idx = torch.nonzero(free).reshape(-1).to(thetas[l].device)
-            th = thetas[l].index_put((free_idx,), sub[:-1])
-            s2 = sub[-1] ** 2
-            tau_l = tau_from_lambda(lambda_from_theta(th, ts), ts, s2)
-            return torch.cat([tau_l, s2.reshape(1)]) if l == 0 else tau_l
-
-        sub = psi[idx]
-        d = jacfwd(tau_fn)(sub).detach()
-        v_tau = d @ v_psi @ d.transpose(0, 1)
-        tau_val = tau_fn(sub).detach()
-        taus.append(tau_val)
-        tau_covs.append(v_tau)
-        offset += k
-    # put the residual (computed with level 2) last
-    resid = taus[0][-1:]
-    n0 = taus[0].numel() - 1
-    order = list(range(n0)) + [sum(t.numel() for t in taus) - 1]
-    tau = torch.cat([taus[0][:-1]] + taus[1:] + [resid])
-    n_tau = tau.numel()
-    tau_cov = torch.zeros(n_tau, n_tau, dtype=tau.dtype, device=tau.device)
-    # level 2 block (with the residual)
-    lvl0_pos = torch.tensor(order)
-    tau_cov[lvl0_pos[:, None], lvl0_pos[None, :]] = tau_covs[0]
-    pos = n0
-    for tc in tau_covs[1:]:
-        m = tc.shape[0]
-        tau_cov[pos:pos + m, pos:pos + m] = tc
-        pos += m
-    # boundary variances: SE NaN
-    tau_pos = 0
-    for l, ts in enumerate(term_sizes):
-        diag_of_term = []
-        from ..covariance import tau_index
-        rows, cols = tau_index(ts)
-        lam = lambda_from_theta(thetas[l], ts)
-        for j, (r, c) in enumerate(zip(rows, cols)):
-            if r == c and float(lam[r].abs().max()) == 0.0:
-                tau_cov[tau_pos + j, :] = float("nan")
-                tau_cov[:, tau_pos + j] = float("nan")
-        tau_pos += len(rows)
+    tau, tau_cov = _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, small_sample)
 
     return FitOutput(beta=beta.detach(), cov_beta=cov_beta, cov_beta_model=cov_beta_model,
                      theta=[t.detach() for t in thetas], sigma=float(sigma), tau=tau.detach(), tau_cov=tau_cov,
