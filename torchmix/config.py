@@ -636,8 +636,8 @@ def check_run(cfg: RunConfig, data) -> str:
 
     Checks that the columns the formula, weights, plausible values and centering name exist
     (suggesting close names), then cleans the data and builds the design exactly as a fit would
-    (missing values, weights per level and their count, constancy within groups, nesting,
-    centering, model matrices), on the CPU.
+    (family and link, survey preset and scaling, missing values, weights per level and their
+    count, constancy within groups, nesting, centering, model matrices, response domain).
 
     Returns
     -------
@@ -649,7 +649,6 @@ def check_run(cfg: RunConfig, data) -> str:
     FormulaError, DataError, WeightError, ConfigError
         Naming the offending column, key or argument.
     """
-    from .design import build_design
     from .errors import FormulaError, WeightError
     from .formula import parse_formula
 
@@ -666,14 +665,12 @@ def check_run(cfg: RunConfig, data) -> str:
                         + (f" ({hints})" if hints else ""))
 
     pv = model.plausible_values
-    extra = []
     if pv is not None:
         if parsed.response not in pv:
             raise ConfigError(f"[model] plausible_values has no entry for the formula's response "
                               f"{parsed.response!r} (entries: {', '.join(map(repr, pv))})")
         for name, cols in pv.items():
             need(cols, f"[model] plausible_values.{name}")
-            extra += list(cols)
         parsed = dataclasses.replace(parsed, response=pv[parsed.response][0])
     else:
         need(_formula_variables(parsed.response), "the formula's response", FormulaError)
@@ -695,9 +692,11 @@ def check_run(cfg: RunConfig, data) -> str:
     if model.center_grand is not None:
         need(model.center_grand, "[model] center_grand")
 
-    design = build_design(parsed, data, wcols, cweights=model.cweights,
-                          center_group=_plain(model.center_group), center_grand=_plain(model.center_grand),
-                          extra_columns=extra)
+    from . import api
+
+    kwargs = {k: v for k, v in cfg.mix_kwargs().items() if k != "start"}
+    kwargs["progress"] = False
+    design = api._prepare(model.formula, data, **kwargs, call="validate").design
     levels = ", ".join(f"level {l} {info.name!r}: {len(info.labels)} groups"
                        for l, info in enumerate(design.levels, start=2))
     wtxt = "unweighted" if wcols is None else f"weights {', '.join(wcols)}"
