@@ -101,6 +101,7 @@ small_sample = "none"
 device = "cpu"
 dtype = "float32"
 progress = false
+deterministic = true
 start = [1, 2.5]
 [output]
 folder = "out"
@@ -116,7 +117,8 @@ formats = ["json", "csv", "json"]
         "weights": ["w1", "w2"], "cweights": True, "family": "binomial", "link": "probit", "n_quad": 7,
         "center_group": {"g": ["x"], "h": ["z"]}, "center_grand": ["x"], "scaling": "A", "survey": "PISA",
         "edsurvey_compat": True, "plausible_values": {"y": ["p1", "p2"]}, "max_iter": 50, "tol": 1.0,
-        "small_sample": "none", "device": "cpu", "dtype": torch.float32, "progress": False, "start": [1.0, 2.5],
+        "small_sample": "none", "device": "cpu", "dtype": torch.float32, "progress": False, "deterministic": True,
+        "start": [1.0, 2.5],
     }
     assert type(kw["tol"]) is float
     resolved = cfg.to_dict()

@@ -35,6 +35,7 @@ Relative paths written in the file are relative to the folder that holds the fil
     device       = "cpu"                       # "cuda", "cuda:1", ...
     dtype        = "float64"                   # or "float32"
     progress     = true                        # progress bars on stderr
+    deterministic = false                      # true: bitwise reproducible on CUDA (slower)
     start        = [250.0, 10.0, 600.0, 30.0]  # optional starting values (beta, then tau)
 
     [output]
@@ -129,6 +130,7 @@ class FitConfig:
     device: str = "cpu"
     dtype: str = "float64"
     progress: bool = True
+    deterministic: bool = False
     start: Optional[tuple] = None
 
 
@@ -373,6 +375,7 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
         "device": _Key(_device, doc="torch device"),
         "dtype": _Key(_dtype, doc="floating-point type"),
         "progress": _Key(_bool, doc="progress bars"),
+        "deterministic": _Key(_bool, doc="deterministic algorithms (bitwise reproducible on CUDA)"),
         "start": _Key(_float_list, doc="starting values"),
     }),
     "output": MappingProxyType({
