@@ -354,12 +354,10 @@ class PooledResults:
             lines += [f"WARNING: the optimiser did not converge for {', '.join(bad)}"]
         for note in self.notes:
             lines += [f"Weights: {note}"]
-        groups = pd.DataFrame({"Group Var": list(self.ngroups)[::-1] + ["Residual"],
+        groups = pd.DataFrame({"Group Var": list(self.ngroups)[::-1] + ["Residual" if self._is_gaussian else "Obs"],
                                "Observations": list(self.ngroups.values())[::-1] + [self.nobs],
                                "Level": list(range(len(self.ngroups) + 1, 0, -1))},
                               index=range(1, len(self.ngroups) + 2))
-        if not self._is_gaussian:
-            groups = groups.iloc[:-1]
         lines += ["Number of Groups:", groups.to_string(), "", "Variance terms:"]
         vd = self.var_df
         var_rows = vd[vd["var2"] == ""]
