@@ -266,11 +266,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     commands = {p.stem: ["-m", "torchmix", "fit", str(p), "--out", str(base / p.stem)] for p in EXAMPLES}
     bad = write(base, MALFORMED["bad_family"][0], "bad_family.toml")
-    commands.update({
-        "script-missing": [str(ROOT / "scripts" / "fit.py"), str(base / "none.toml")],
-        "module-bad-family": ["-m", "torchmix", "fit", str(bad), "--out", str(base / "bad")],
-        "module-help": ["-m", "torchmix", "--help"],
-    })
+    commands["script-bad-family"] = [str(ROOT / "scripts" / "fit.py"), str(bad), "--out", str(base / "bad")]
     return base, _run_all(commands)
 
 
@@ -304,13 +300,18 @@ def test_example_config_through_the_command(config, runs):
             assert estimates[col].fillna("").astype(str).tolist() == frame[col].astype(str).tolist(), col
 
 
-def test_commands_in_subprocesses(runs):
-    """scripts/fit.py and ``python -m torchmix``: bad input exits 2 with one line, no traceback."""
+def test_fit_script_in_a_subprocess(runs):
+    """scripts/fit.py (a real process): bad input exits 2 with one line on stderr, no traceback."""
     base, done = runs
-    code, stdout, stderr = done["script-missing"]
-    assert code == 2 and "none.toml" in stderr and "Traceback" not in stderr, stderr
-    code, stdout, stderr = done["module-bad-family"]
-    assert code == 2 and "'gama'" in stderr and "Traceback" not in stderr and stdout == "", stderr
-    assert stderr.startswith("torchmix: error: ")
-    code, stdout, stderr = done["module-help"]
-    assert code == 0 and "validate" in stdout and "datasets" in stdout
+    code, stdout, stderr = done["script-bad-family"]
+    assert code == 2 and stdout == "", stderr
+    assert stderr.startswith("torchmix: error: ") and "'gama'" in stderr and "Traceback" not in stderr
+    assert not (base / "bad" / "run.json").exists()
+
+
+def test_help(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "validate" in out and "datasets" in out
+    assert cli.main(["fit", "--help"]) == 0
+    assert "--device" in capsys.readouterr().out
