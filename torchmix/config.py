@@ -702,5 +702,7 @@ def check_run(cfg: RunConfig, data) -> str:
     design = api._prepare(model.formula, data, **kwargs, call="validate").design
     levels = ", ".join(f"level {l} {info.name!r}: {len(info.labels)} groups"
                        for l, info in enumerate(design.levels, start=2))
-    wtxt = "unweighted" if wcols is None else f"weights {', '.join(wcols)}"
-    return f"{len(design.row_index)} of {len(data)} rows used; {levels}; {wtxt}"
+    used = design.weight_columns
+    wtxt = "unweighted" if not used else f"weights {', '.join(used)}"
+    notes = "".join(f"; {n}" for n in design.notes if n)
+    return f"{len(design.row_index)} of {len(data)} rows used; {levels}; {wtxt}{notes}"
