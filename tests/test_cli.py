@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -181,6 +182,20 @@ def test_bad_input_before_mix(tmp_path, fake_mix, capsys):
     assert cli.main(["fit"]) == 2  # usage error
     assert cli.main([]) == 2
     assert calls == []
+
+
+def test_parquet_output(tmp_path, fake_mix, capsys):
+    fake_mix()
+    cfg = write(tmp_path, SLEEP + "[output]\nformats = ['parquet']\n")
+    out = tmp_path / "o"
+    if importlib.util.find_spec("pyarrow") is None:
+        assert cli.main(["fit", str(cfg), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "pyarrow" in err and "[output] formats" in err and str(cfg) in err
+        assert not out.exists()  # checked before anything is fitted or written
+    else:
+        assert cli.main(["fit", str(cfg), "--out", str(out), "--quiet"]) == 0
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "estimates.parquet"), FakeFit().to_frame())
 
 
 def test_datasets_command(capsys):

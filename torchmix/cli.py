@@ -239,12 +239,13 @@ def _cmd_datasets(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from .config import check_device, check_run, load_config, load_data
+    from .config import check_device, check_output, check_run, load_config, load_data
 
     cfg = load_config(args.config)
     if args.device is not None:
         cfg = cfg.with_overrides(device=args.device)
     check_device(cfg.fit.device)
+    check_output(cfg)
     data = load_data(cfg)
     with _warnings_to_stderr([]):
         report = check_run(cfg, data)
@@ -253,21 +254,14 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from .config import check_device, load_config, load_data, run_config
+    from .config import check_device, check_output, load_config, load_data, run_config
 
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     cfg = cfg.with_overrides(device=args.device, folder=args.out, progress=False if args.quiet else None)
     check_device(cfg.fit.device)
+    check_output(cfg)
     folder = cfg.output_folder()
-    if "parquet" in cfg.output.formats:
-        import importlib.util
-
-        if importlib.util.find_spec("pyarrow") is None:
-            from .errors import ConfigError
-
-            raise ConfigError(f"[output] formats in {cfg.source} lists 'parquet', which needs the "
-                              "optional package pyarrow (not installed)")
     t1 = time.perf_counter()
     data = load_data(cfg)
     t2 = time.perf_counter()

@@ -82,6 +82,7 @@ __all__ = [
     "load_data",
     "check_device",
     "check_run",
+    "check_output",
     "run_config",
 ]
 
@@ -598,6 +599,20 @@ def check_device(device: str) -> None:
             raise ConfigError(f"device {device!r} requested but MPS is not available on this machine")
     elif dev.type != "cpu":
         raise ConfigError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+
+
+def check_output(cfg: RunConfig) -> None:
+    """Check that the requested output formats can be written here.
+
+    Raises
+    ------
+    ConfigError
+        If ``[output] formats`` lists ``"parquet"`` and pyarrow is not installed.
+    """
+    if "parquet" in cfg.output.formats and importlib.util.find_spec("pyarrow") is None:
+        where = "[output] formats" + (f" in {cfg.source}" if cfg.source is not None else "")
+        raise ConfigError(f"{where} lists 'parquet', which needs the optional package pyarrow "
+                          "(not installed; pip install pyarrow, or use 'csv' or 'json')")
 
 
 def run_config(cfg: RunConfig, data=None):
