@@ -29,6 +29,7 @@ from torch import nn
 
 from ..covariance import lambda_from_theta
 from ..tensors import ModelTensors
+from .smallmat import cholesky_lower, solve_lower
 
 __all__ = ["GaussianLikelihood", "gaussian_loglik_by_group", "weighted_crossproducts"]
 
@@ -41,21 +42,42 @@ def weighted_crossproducts(m: torch.Tensor, w: torch.Tensor, group: torch.Tensor
 
     Parameters
     ----------
-    m : ``(N, d)``; w : ``(N,)``; group : int64 ``(N,)`` in ``[0, n_groups)``.
+    m : ``(N, d)``; w : ``(N,)`` positive; group : int64 ``(N,)`` in ``[0, n_groups)``.
 
     Returns
     -------
-    ``(n_groups, d, d)``. Rows are processed in chunks so extra memory stays at
-    ``chunk_rows * d * d`` values.
+    ``(n_groups, d, d)``.
+
+    Notes
+    -----
+    When groups are of similar size the rows :math:`\sqrt{w_i}m_i` are laid into a zero-padded
+    ``(G, n_max, d)`` tensor and multiplied with one batched GEMM; otherwise outer products are
+    accumulated with ``index_add`` in chunks of ``chunk_rows`` rows (extra memory
+    ``chunk_rows * d * d`` values).
     """
     n, d = m.shape
-    out = torch.zeros(n_groups, d * d, dtype=m.dtype, device=m.device)
-    for start in range(0, n, chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        mc = m[sl]
-        outer = (mc * w[sl, None]).unsqueeze(2) * mc.unsqueeze(1)
-        out.index_add_(0, group[sl], outer.reshape(-1, d * d))
-    out = out.reshape(n_groups, d, d)
+    counts = torch.bincount(group, minlength=n_groups)
+    n_max = int(counts.max()) if n else 0
+    if n and n_groups * n_max <= 3 * n:
+        if bool((group[1:] >= group[:-1]).all()):
+            order, sorted_group = None, group
+        else:
+            sorted_group, order = torch.sort(group, stable=True)
+        start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(n, device=m.device) - start[sorted_group]
+        rows = m * torch.sqrt(w)[:, None]
+        padded = torch.zeros(n_groups * n_max, d, dtype=m.dtype, device=m.device)
+        padded[sorted_group * n_max + rank] = rows if order is None else rows[order]
+        padded = padded.reshape(n_groups, n_max, d)
+        out = padded.transpose(1, 2) @ padded
+    else:
+        out = torch.zeros(n_groups, d * d, dtype=m.dtype, device=m.device)
+        for first in range(0, n, chunk_rows):
+            sl = slice(first, first + chunk_rows)
+            mc = m[sl]
+            outer = (mc * w[sl, None]).unsqueeze(2) * mc.unsqueeze(1)
+            out.index_add_(0, group[sl], outer.reshape(-1, d * d))
+        out = out.reshape(n_groups, d, d)
     return 0.5 * (out + out.transpose(1, 2))
 
 
@@ -104,10 +126,18 @@ class GaussianLikelihood(nn.Module):
         eye = torch.eye(self.p + 1, dtype=self.cp.dtype, device=self.cp.device)
         return torch.block_diag(*blocks, eye)
 
-    def integrate(self, thetas: Sequence[torch.Tensor]) -> _Pass:
-        """Integrate all random effects out, bottom-up (MATH.md 4.2)."""
+    def integrate(self, thetas: Sequence[torch.Tensor], aggregate_top: bool = False) -> _Pass:
+        """Integrate all random effects out, bottom-up (MATH.md 4.2).
+
+        With ``aggregate_top`` the top level's Schur complements are not kept per group: only
+        :math:`K_{top} = \sum_k w^{(L)}_k S_k` is formed (in ``s_top``, shape ``(p+1, p+1)``),
+        which is all the profiled likelihood needs.
+        """
         scale = self._scale(thetas)
-        k = scale.transpose(0, 1) @ self.cp @ scale
+        g, d = self.cp.shape[0], self.cp.shape[1]
+        # K_g = S^T CP_g S as two plain GEMMs (CP_g and K_g symmetric: (CP_g S)^T S = K_g)
+        t = (self.cp.reshape(g * d, d) @ scale).reshape(g, d, d)
+        k = (t.transpose(1, 2).reshape(g * d, d) @ scale).reshape(g, d, d)
         chols, vs = [], []
         levels = self.tensors.levels
         logdet_top = torch.zeros(levels[-1].n_groups, dtype=k.dtype, device=k.device)
@@ -115,28 +145,35 @@ class GaussianLikelihood(nn.Module):
             q = lv.q
             a = k[:, :q, :q] + torch.eye(q, dtype=k.dtype, device=k.device)
             b = k[:, :q, q:]
-            d = k[:, q:, q:]
-            chol = torch.linalg.cholesky(a)
+            dd = k[:, q:, q:]
+            chol = cholesky_lower(a)
             ld = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
             logdet_top = logdet_top.index_add(0, lv.top, lv.w_uncond * ld)
-            v = torch.linalg.solve_triangular(chol, b, upper=False)
-            s = d - v.transpose(1, 2) @ v
+            v = solve_lower(chol, b)
             chols.append(chol)
             vs.append(v)
             if idx + 1 < len(levels):
+                s = dd - v.transpose(1, 2) @ v
                 nxt = levels[idx + 1]
                 k = torch.zeros(nxt.n_groups, *s.shape[1:], dtype=s.dtype, device=s.device).index_add(
                     0, lv.parent, lv.w_cond[:, None, None] * s)
+            elif aggregate_top:
+                w = lv.w_uncond
+                s = torch.einsum("g,gab->ab", w, dd) - torch.einsum("gqa,gqb->ab", v * w[:, None, None], v)
+            else:
+                s = dd - v.transpose(1, 2) @ v
         return _Pass(chol=chols, v=vs, s_top=s, logdet_top=logdet_top)
 
     def _k_top(self, ps: _Pass) -> torch.Tensor:
+        if ps.s_top.dim() == 2:
+            return ps.s_top
         w_top = self.tensors.levels[-1].w_uncond
         return (w_top[:, None, None] * ps.s_top).sum(0)
 
     # ------------------------------------------------------------------ profiled
     def profile(self, thetas: Sequence[torch.Tensor]):
         r"""Profiled quantities at ``thetas``: :math:`(\ell_p, \hat\beta, \hat\sigma^2, K_{top})`."""
-        ps = self.integrate(thetas)
+        ps = self.integrate(thetas, aggregate_top=True)
         kt = self._k_top(ps)
         p = self.p
         kbb, kby, kyy = kt[:p, :p], kt[:p, p], kt[p, p]
