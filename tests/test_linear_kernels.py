@@ -22,14 +22,16 @@ def test_small_cholesky_and_solve_match_linalg(q):
 
 
 def test_small_cholesky_gradients_match_linalg():
-    a0 = torch.tensor([[[4.0, 1.0], [1.0, 3.0]]], dtype=torch.float64)
+    # gradients through a symmetric parameterisation (the unrolled factor reads the lower triangle only)
+    x0 = torch.tensor([[[2.0, 0.0], [0.5, 1.5]]], dtype=torch.float64)
     b = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]], dtype=torch.float64)
     grads = []
     for chol_fn, solve_fn in ((cholesky_lower, solve_lower),
                               (torch.linalg.cholesky, lambda l, r: torch.linalg.solve_triangular(l, r, upper=False))):
-        a = a0.clone().requires_grad_(True)
+        x = x0.clone().requires_grad_(True)
+        a = x @ x.transpose(1, 2) + torch.eye(2, dtype=torch.float64)
         v = solve_fn(chol_fn(a), b)
-        (g,) = torch.autograd.grad((v ** 2).sum() + torch.log(torch.diagonal(chol_fn(a), dim1=1, dim2=2)).sum(), a)
+        (g,) = torch.autograd.grad((v ** 2).sum() + torch.log(torch.diagonal(chol_fn(a), dim1=1, dim2=2)).sum(), x)
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
