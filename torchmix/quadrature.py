@@ -1,0 +1,124 @@
+r"""Gauss-Hermite rules for the standard normal weight, and product grids (MATH.md 5.3).
+
+The rule :math:`(z_m, \omega_m)_{m=1}^{M}` integrates against the standard normal density,
+
+.. math::
+    \int h(z)\,\varphi(z)\,dz \approx \sum_m \omega_m h(z_m), \qquad \sum_m \omega_m = 1,
+
+and is exact for polynomials of degree :math:`\le 2M-1`. It comes from the physicists'
+rule :math:`(x_m, v_m)` (weight :math:`e^{-x^2}`) by :math:`z_m = \sqrt2 x_m`,
+:math:`\omega_m = v_m/\sqrt\pi` (lme4 ``GHrule``). For :math:`q` dimensions the full product
+grid has :math:`M^q` nodes :math:`z_{\mathbf m}\in\mathbb R^q` with weights
+:math:`\prod_r \omega_{m_r}`. Pure tensor math, float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["gauss_hermite", "product_grid", "QuadratureGrid", "check_n_quad"]
+
+
+def check_n_quad(n_quad) -> int:
+    """Validate the number of quadrature points per random effect.
+
+    Non-integer values are rounded to the nearest integer (MATH.md 11, item 5).
+
+    Raises
+    ------
+    ConfigError
+        If ``n_quad`` is not a finite number or is ``<= 0`` after rounding.
+    """
+    try:
+        value = float(n_quad)
+    except (TypeError, ValueError):
+        raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
+    rounded = int(round(value))
+    if rounded <= 0:
+        raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
+    return rounded
+
+
+def gauss_hermite(n: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Gauss-Hermite nodes and weights for the standard normal density.
+
+    Parameters
+    ----------
+    n : number of nodes :math:`M \ge 1` (``n = 1`` gives the single node 0 with weight 1,
+        i.e. the Laplace approximation).
+
+    Returns
+    -------
+    z : tensor ``(n,)`` nodes, ascending.
+    w : tensor ``(n,)`` positive weights summing to 1.
+    """
+    n = check_n_quad(n)
+    x, v = np.polynomial.hermite.hermgauss(n)
+    z = np.sqrt(2.0) * x
+    w = v / np.sqrt(np.pi)
+    if n % 2 == 1:  # the middle node is exactly 0 by symmetry
+        z[n // 2] = 0.0
+    w = w / w.sum()
+    return (torch.as_tensor(z, dtype=dtype, device=device),
+            torch.as_tensor(w, dtype=dtype, device=device))
+
+
+@dataclass(frozen=True)
+class QuadratureGrid:
+    r"""A product grid in :math:`q` dimensions.
+
+    Attributes
+    ----------
+    nodes : tensor ``(M**q, q)``
+    log_weights : tensor ``(M**q,)``, :math:`\log\prod_r\omega_{m_r}`.
+    half_sq_norm : tensor ``(M**q,)``, :math:`\tfrac12\|z_{\mathbf m}\|^2`.
+    """
+
+    nodes: torch.Tensor
+    log_weights: torch.Tensor
+    half_sq_norm: torch.Tensor
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.nodes.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.nodes.shape[1])
+
+    @property
+    def log_weights_plus_norm(self) -> torch.Tensor:
+        r""":math:`\log\omega_{\mathbf m} + \tfrac12\|z_{\mathbf m}\|^2`, the node term of (5.1)."""
+        return self.log_weights + self.half_sq_norm
+
+
+def product_grid(n: int, q: int, dtype=torch.float64, device=None) -> QuadratureGrid:
+    r"""Full product Gauss-Hermite grid with ``n`` points per dimension in ``q`` dimensions.
+
+    Nodes are ordered lexicographically (the last coordinate varies fastest).
+
+    Returns
+    -------
+    QuadratureGrid with ``n**q`` nodes (``q = 0`` gives one node of dimension 0, weight 1).
+    """
+    z, w = gauss_hermite(n, dtype=dtype, device=device)
+    q = int(q)
+    if q < 0:
+        raise ConfigError(f"the grid dimension must be >= 0, got {q}")
+    if q == 0:
+        nodes = torch.zeros(1, 0, dtype=dtype, device=device)
+        logw = torch.zeros(1, dtype=dtype, device=device)
+    else:
+        mesh = torch.meshgrid(*([z] * q), indexing="ij")
+        nodes = torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+        wmesh = torch.meshgrid(*([w.log()] * q), indexing="ij")
+        logw = torch.stack([m.reshape(-1) for m in wmesh], dim=-1).sum(-1)
+    return QuadratureGrid(nodes=nodes, log_weights=logw, half_sq_norm=0.5 * (nodes ** 2).sum(-1))
