@@ -1,0 +1,317 @@
+r"""Weighted adaptive Gauss-Hermite quadrature (AGQ) log-likelihood, 2 and 3 levels (MATH.md 5).
+
+:class:`AGQLogLik` maps the row-level linear pieces to the per-top-group contributions
+:math:`\ell_k = w^{(L)}_k\log\mathcal L^{(L)}_k` of the pseudo log-likelihood (2.1)/(2.2):
+
+* :math:`\eta^0 = X\beta` (``(N,)``) and, per level, :math:`\tilde Z^{(l)} = Z^{(l)}\Lambda_l`
+  (``(N, q_l)``; the parameters enter only through these, because the spherical prior
+  :math:`-\tfrac12\|u\|^2` does not involve :math:`\Lambda`). Per-top-group scores therefore
+  follow from one backward pass (:meth:`AGQLogLik.top_scores`).
+* Two levels, (5.1): :math:`\log\mathcal L_j \approx -\log|R_j| + \mathrm{LSE}_{\mathbf m}
+  [\log\omega_{\mathbf m}+\tfrac12\|z_{\mathbf m}\|^2+g_j(\hat u_j+R_j^{-1}z_{\mathbf m})]` with
+  the product grid of :mod:`torchmix.quadrature` (:math:`M^{q}` nodes).
+* Three levels, (5.2): joint mode of each top group, nested change of variables
+  :math:`v=\hat v+Q_k^{-1}z'`, :math:`u_j=\hat u_j-C_j(v-\hat v)+R_j^{-1}z`.
+* ``n_quad = 1`` is the (weighted) Laplace approximation through the same code.
+
+Adaptation and gradients (MATH.md 5.6), strategy ``every_eval`` with exact gradients:
+at each evaluation the modes are found without a graph by batched Newton iterations
+(:mod:`torchmix.likelihood.modes`, warm-started from the previous evaluation), then one
+differentiable Newton step :math:`\hat u^\ast=\hat u+H_{\rm obs}(\hat u)^{-1}\nabla g(\hat u)` is taken
+inside the graph with the observed curvature :math:`H_{\rm obs}` held constant. Its value equals
+:math:`\hat u` to rounding and its derivative equals the implicit derivative
+:math:`d\hat u/d\psi` (the term from differentiating :math:`H_{\rm obs}` multiplies
+:math:`\nabla g(\hat u)=0`). The quadrature scale :math:`R` (and :math:`Q`, :math:`C` for three levels)
+is the Cholesky factor of the Fisher-weighted curvature at :math:`\hat u^\ast`, built inside the
+graph, so autograd differentiates the evaluated objective exactly.
+
+Memory: the node pass needs :math:`N\times M^{q}` (three levels: :math:`N\times M^{q_3}\times M^{q_2}`)
+values. Nodes (outer nodes for three levels) are processed in chunks of at most
+``max_chunk_elems`` elements; with more than one chunk each chunk is recomputed in the
+backward pass (``torch.utils.checkpoint``), so memory stays bounded for large data.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError
+from ..quadrature import check_n_quad, product_grid
+from ..tensors import ModelTensors
+from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, newton_modes_2,
+                    newton_modes_3, segsum, warn_modes, weighted_outer)
+from .nodepass import NodePassData, node_pass
+
+__all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
+
+DEFAULT_CHUNK_ELEMS = 2 ** 24
+CACHE_ELEMS = 2 ** 19  # column chunks of the fused two-level node pass (4 MiB of float64)
+
+
+def _upper_solve_nodes(chol: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    r""":math:`R^{-1}z_{\mathbf m}` with :math:`R = L^\top`: ``chol (G, q, q)``, ``nodes (M, q)`` -> ``(G, M, q)``."""
+    rhs = nodes.transpose(0, 1).expand(chol.shape[0], -1, -1)
+    return torch.linalg.solve_triangular(chol.transpose(-1, -2), rhs, upper=True).transpose(-1, -2)
+
+
+def _log_det_chol(chol: torch.Tensor) -> torch.Tensor:
+    """``log|L|`` from a batched lower Cholesky factor, ``(G,)``."""
+    return torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+
+
+def _row_offsets(zl: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    r"""Per row :math:`\tilde z_i\cdot d_{g(i),\dots}`: ``zl (N, q)``, ``offsets (G, ..., q)`` -> ``(N, ...)``."""
+    if zl.shape[1] == 1:
+        gathered = offsets[..., 0][g]
+        return zl[:, 0].reshape((-1,) + (1,) * (gathered.dim() - 1)) * gathered
+    gathered = offsets[g]
+    shape = (zl.shape[0],) + (1,) * (gathered.dim() - 2) + (zl.shape[1],)
+    return (zl.reshape(shape) * gathered).sum(-1)
+
+
+class AGQLogLik(nn.Module):
+    r"""The AGQ pseudo log-likelihood of a 2- or 3-level GLMM as a module.
+
+    Parameters
+    ----------
+    tensors : :class:`~torchmix.tensors.ModelTensors` (response already validated).
+    family : a :class:`~torchmix.families.Family`.
+    n_quad : Gauss-Hermite points per random effect (1 = Laplace).
+    max_chunk_elems : bound on the elements of one node-pass chunk.
+    mode_tol, mode_max_iter : stopping rule of the Newton iterations for the modes.
+
+    Call ``module(eta0, zls, kappa=None)`` with ``eta0 (N,)`` and ``zls`` a list (level 2 first)
+    of ``(N, q_l)`` tensors; it returns the ``(G_L,)`` vector of :math:`\ell_k`. ``kappa`` is the
+    dispersion (gaussian :math:`\sigma^2`; ignored by the other families). The modes of the last
+    call (``modes``) warm-start the next one.
+    """
+
+    def __init__(self, tensors: ModelTensors, family, n_quad: int = 13, *,
+                 max_chunk_elems: int = DEFAULT_CHUNK_ELEMS, mode_tol: float = 1e-10, mode_max_iter: int = 100):
+        super().__init__()
+        n_levels = tensors.n_levels
+        if n_levels not in (2, 3):
+            raise ConfigError(f"non-gaussian families support 2 or 3 levels; the model has {n_levels} levels")
+        self.family = family
+        self.n_quad = check_n_quad(n_quad)
+        self.n_levels = n_levels
+        self.max_chunk_elems = int(max_chunk_elems)
+        self.mode_tol = float(mode_tol)
+        self.mode_max_iter = int(mode_max_iter)
+        self.mode_iterations = 0
+        dt, dev = tensors.X.dtype, tensors.X.device
+        lv2 = tensors.levels[0]
+        self.register_buffer("X", tensors.X, persistent=False)
+        self.register_buffer("y", tensors.y, persistent=False)
+        self.register_buffer("w1", tensors.w1_cond, persistent=False)
+        self.register_buffer("g2", lv2.group, persistent=False)
+        self.register_buffer("w2", lv2.w_cond, persistent=False)
+        self.register_buffer("Z2", lv2.Z, persistent=False)
+        self.n2, self.q2 = int(lv2.n_groups), lv2.q
+        grid2 = product_grid(self.n_quad, self.q2, dtype=dt, device=dev)
+        self.register_buffer("nodes2", grid2.nodes, persistent=False)
+        self.register_buffer("lwn2", grid2.log_weights_plus_norm, persistent=False)
+        self.register_buffer("u2", torch.zeros(self.n2, self.q2, dtype=dt, device=dev), persistent=False)
+        if n_levels == 3:
+            lv3 = tensors.levels[1]
+            self.register_buffer("g3", lv3.group, persistent=False)
+            self.register_buffer("parent", lv2.parent, persistent=False)
+            self.register_buffer("w3", lv3.w_cond, persistent=False)
+            self.register_buffer("Z3", lv3.Z, persistent=False)
+            self.n3, self.q3 = int(lv3.n_groups), lv3.q
+            grid3 = product_grid(self.n_quad, self.q3, dtype=dt, device=dev)
+            self.register_buffer("nodes3", grid3.nodes, persistent=False)
+            self.register_buffer("lwn3", grid3.log_weights_plus_norm, persistent=False)
+            self.register_buffer("u3", torch.zeros(self.n3, self.q3, dtype=dt, device=dev), persistent=False)
+            self.register_buffer("row_top", lv3.group, persistent=False)
+        else:
+            self.register_buffer("row_top", lv2.group, persistent=False)
+            self._pass_data = None
+
+    def _node_data(self) -> NodePassData:
+        data = getattr(self, "_pass_data", None)
+        if data is None or data.y is not self.y:
+            data = NodePassData(self.family, self.y, self.w1, self.g2, self.n2, min(self.max_chunk_elems, CACHE_ELEMS))
+            self._pass_data = data
+        return data
+
+    # ------------------------------------------------------------------ state and conveniences
+    @property
+    def n_top(self) -> int:
+        return self.n3 if self.n_levels == 3 else self.n2
+
+    @property
+    def modes(self) -> list:
+        """Spherical modes per level (level 2 first) from the last evaluation, detached."""
+        return [self.u2.clone()] + ([self.u3.clone()] if self.n_levels == 3 else [])
+
+    def set_modes(self, modes: Sequence[torch.Tensor]) -> None:
+        """Warm start for the next evaluation."""
+        self.u2 = modes[0].detach().clone().to(self.u2)
+        if self.n_levels == 3:
+            self.u3 = modes[1].detach().clone().to(self.u3)
+
+    def reset_modes(self) -> None:
+        self.u2 = torch.zeros_like(self.u2)
+        if self.n_levels == 3:
+            self.u3 = torch.zeros_like(self.u3)
+
+    def pieces(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor]):
+        r""":math:`\eta^0 = X\beta` and :math:`\tilde Z^{(l)} = Z^{(l)}\Lambda_l` from parameters."""
+        zs = [self.Z2] + ([self.Z3] if self.n_levels == 3 else [])
+        return self.X @ beta, [z @ lam for z, lam in zip(zs, lambdas)]
+
+    def loglik(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor], kappa=None) -> torch.Tensor:
+        """``(G_L,)`` contributions at :math:`(\\beta, \\Lambda_2, [\\Lambda_3])` (absolute factors)."""
+        eta0, zls = self.pieces(beta, lambdas)
+        return self(eta0, zls, kappa)
+
+    def top_scores(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor], kappa=None):
+        r"""Per-top-group contributions and scores from one backward pass.
+
+        Returns
+        -------
+        ell : ``(G_L,)`` detached :math:`\ell_k`.
+        s_beta : ``(G_L, p)`` :math:`\partial\ell_k/\partial\beta`.
+        s_lambda : list per level of ``(G_L, q_l, q_l)`` :math:`\partial\ell_k/\partial\Lambda_l`
+            (all entries; pick the free ones).
+        """
+        with torch.no_grad():
+            eta0, zls = self.pieces(beta.detach(), [lam.detach() for lam in lambdas])
+        eta0 = eta0.requires_grad_(True)
+        zls = [z.requires_grad_(True) for z in zls]
+        with torch.enable_grad():
+            ell = self(eta0, zls, kappa)
+            grads = torch.autograd.grad(ell.sum(), [eta0] + zls)
+        n_top = self.n_top
+        s_beta = segsum(self.X * grads[0][:, None], self.row_top, n_top)
+        zs = [self.Z2] + ([self.Z3] if self.n_levels == 3 else [])
+        s_lam = [segsum(z[:, :, None] * gz[:, None, :], self.row_top, n_top) for z, gz in zip(zs, grads[1:])]
+        return ell.detach(), s_beta, s_lam
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, eta0: torch.Tensor, zls: Sequence[torch.Tensor], kappa=None) -> torch.Tensor:
+        if len(zls) != self.n_levels - 1:
+            raise ConfigError(f"expected {self.n_levels - 1} random-effect blocks, got {len(zls)}")
+        if self.n_levels == 2:
+            return self._forward2(eta0, zls[0], kappa)
+        return self._forward3(eta0, zls[0], zls[1], kappa)
+
+    def _n_chunk(self, per_node: int, n_nodes: int) -> int:
+        return max(1, min(n_nodes, self.max_chunk_elems // max(per_node, 1)))
+
+    # ---- two levels
+    def _forward2(self, eta0, zl, kappa):
+        fam, y, w1, g, n = self.family, self.y, self.w1, self.g2, self.n2
+        u_hat, it, ok = newton_modes_2(fam, y, w1, g, n, eta0, zl, self.u2, kappa, self.mode_tol,
+                                       self.mode_max_iter)
+        self.mode_iterations = it
+        warn_modes(ok, it)
+        # one differentiable Newton step with the observed curvature held fixed (implicit derivative)
+        eta_hat = linear_predictor(eta0, [(zl, u_hat, g)])
+        grad = segsum((w1 * fam.d1(y, eta_hat, kappa))[:, None] * zl, g, n) - u_hat
+        with torch.no_grad():
+            chol_obs = self._observed_chol2(eta_hat.detach(), zl.detach(), kappa)
+        u_star = u_hat + torch.cholesky_solve(grad[:, :, None], chol_obs)[:, :, 0]
+        eta_star = linear_predictor(eta0, [(zl, u_star, g)])
+        hess = weighted_outer(w1 * fam.fisher_w(eta_star, kappa), zl, zl, g, n) + torch.eye(
+            self.q2, dtype=zl.dtype, device=zl.device)
+        chol = torch.linalg.cholesky(hess)
+        self.u2 = u_star.detach()
+        offsets = _upper_solve_nodes(chol, self.nodes2)  # (G, M, q)
+        prior = -0.5 * ((u_star[:, None, :] + offsets) ** 2).sum(-1)  # (G, M)
+        if torch.is_tensor(kappa) and kappa.requires_grad:  # gradient in the dispersion: plain autograd
+            n_nodes = offsets.shape[1]
+            step = self._n_chunk(y.shape[0] * max(self.q2, 1), n_nodes)
+            sums = []
+            for m0 in range(0, n_nodes, step):
+                args = (eta_star, zl, offsets[:, m0:m0 + step], kappa)
+                if step < n_nodes and torch.is_grad_enabled():
+                    sums.append(checkpoint(self._node_sums2, *args, use_reentrant=False))
+                else:
+                    sums.append(self._node_sums2(*args))
+            node_sums = torch.cat(sums, dim=1)
+        else:
+            node_sums = node_pass(eta_star, zl, offsets, self._node_data(), kappa)
+        total = self.lwn2 + prior + node_sums
+        log_l = torch.logsumexp(total, dim=1) - _log_det_chol(chol)
+        return self.w2 * log_l
+
+    def _observed_chol2(self, eta, zl, kappa):
+        fam, w1, g, n = self.family, self.w1, self.g2, self.n2
+        eye = torch.eye(self.q2, dtype=zl.dtype, device=zl.device)
+        curv = fam.derivs(self.y, eta, kappa)[2]
+        chol, info = torch.linalg.cholesky_ex(weighted_outer(w1 * curv, zl, zl, g, n) + eye)
+        if bool((info != 0).any()):
+            chol = torch.linalg.cholesky(weighted_outer(w1 * curv.clamp_min(0.0), zl, zl, g, n) + eye)
+        return chol
+
+    def _node_sums2(self, eta_star, zl, offsets, kappa):
+        eta = eta_star[:, None] + _row_offsets(zl, offsets, self.g2)  # (N, m)
+        lf = self.w1[:, None] * self.family.logf(self.y[:, None], eta, kappa)
+        return segsum(lf, self.g2, self.n2)
+
+    # ---- three levels
+    def _forward3(self, eta0, zl2, zl3, kappa):
+        fam, y, w1 = self.family, self.y, self.w1
+        g2, g3, n2, n3, parent, w2 = self.g2, self.g3, self.n2, self.n3, self.parent, self.w2
+        u_hat, v_hat, it, ok = newton_modes_3(fam, y, w1, g2, n2, g3, parent, n3, w2, eta0, zl2, zl3, self.u2,
+                                              self.u3, kappa, self.mode_tol, self.mode_max_iter)
+        self.mode_iterations = it
+        warn_modes(ok, it)
+        eta_hat = linear_predictor(eta0, [(zl2, u_hat, g2), (zl3, v_hat, g3)])
+        gamma_u, gamma_v = arrow_gradients(fam, y, w1, eta_hat, zl2, zl3, g2, n2, parent, n3, w2, u_hat, v_hat,
+                                           kappa)
+        with torch.no_grad():
+            fac_obs, b_obs = self._observed_arrow(eta_hat.detach(), zl2.detach(), zl3.detach(), kappa)
+        du, dv = arrow_solve(fac_obs, gamma_u, gamma_v, b_obs, w2, parent, n3)
+        u_star, v_star = u_hat + du, v_hat + dv
+        eta_star = linear_predictor(eta0, [(zl2, u_star, g2), (zl3, v_star, g3)])
+        a, b, d = arrow_blocks(w1, fam.fisher_w(eta_star, kappa), zl2, zl3, g2, n2)
+        fac = arrow_factor(a, b, d, w2, parent, n3)
+        self.u2, self.u3 = u_star.detach(), v_star.detach()
+
+        outer = _upper_solve_nodes(fac.chol_s, self.nodes3)  # (G3, M3, q3)
+        inner = _upper_solve_nodes(fac.chol_a, self.nodes2)  # (G2, M2, q2)
+        outer_prior = -0.5 * ((v_star[:, None, :] + outer) ** 2).sum(-1)  # (G3, M3)
+        n_outer, n_inner = outer.shape[1], inner.shape[1]
+        step = self._n_chunk(y.shape[0] * n_inner * max(self.q2, 1), n_outer)
+        parts = []
+        for m0 in range(0, n_outer, step):
+            args = (eta_star, zl2, zl3, u_star, fac.a_inv_b, inner, outer[:, m0:m0 + step], kappa)
+            if step < n_outer and torch.is_grad_enabled():
+                parts.append(checkpoint(self._inner3, *args, use_reentrant=False))
+            else:
+                parts.append(self._inner3(*args))
+        inner_log = torch.cat(parts, dim=1)  # (G2, M3)
+        total = self.lwn3 + outer_prior + segsum(w2[:, None] * inner_log, parent, n3)
+        log_l = (torch.logsumexp(total, dim=1) - _log_det_chol(fac.chol_s)
+                 - segsum(w2 * _log_det_chol(fac.chol_a), parent, n3))
+        return self.w3 * log_l
+
+    def _observed_arrow(self, eta, zl2, zl3, kappa):
+        fam, w1 = self.family, self.w1
+        curv = fam.derivs(self.y, eta, kappa)[2]
+        args = (self.w2, self.parent, self.n3)
+        try:
+            a, b, d = arrow_blocks(w1, curv, zl2, zl3, self.g2, self.n2)
+            return arrow_factor(a, b, d, *args), b
+        except torch.linalg.LinAlgError:
+            a, b, d = arrow_blocks(w1, curv.clamp_min(0.0), zl2, zl3, self.g2, self.n2)
+            return arrow_factor(a, b, d, *args), b
+
+    def _inner3(self, eta_star, zl2, zl3, u_star, a_inv_b, inner, outer_c, kappa):
+        r"""Inner log-integrals :math:`I_{j\mathbf m}` for a chunk of outer nodes, ``(G2, mc)``."""
+        parent, g2, g3 = self.parent, self.g2, self.g3
+        shift = -(a_inv_b[:, None, :, :] @ outer_c[parent][:, :, :, None])[..., 0]  # (G2, mc, q2)
+        d = shift[:, :, None, :] + inner[:, None, :, :]  # (G2, mc, M2, q2)
+        prior = -0.5 * ((u_star[:, None, None, :] + d) ** 2).sum(-1)  # (G2, mc, M2)
+        eta = (eta_star[:, None, None] + _row_offsets(zl3, outer_c, g3)[:, :, None]
+               + _row_offsets(zl2, d, g2))  # (N, mc, M2)
+        lf = self.w1[:, None, None] * self.family.logf(self.y[:, None, None], eta, kappa)
+        vals = self.lwn2 + prior + segsum(lf, g2, self.n2)
+        return torch.logsumexp(vals, dim=-1)
