@@ -1,0 +1,100 @@
+r"""Hessian, scores and the sandwich for GLMM fits (MATH.md 7.1, 7.4, 6.5).
+
+* Hessian: central finite differences of the exact (autograd) gradient, step
+  :math:`h_r=(|\psi_r|+1)\epsilon^{1/4}`, symmetrised; each evaluation re-solves the modes from the
+  same warm start.
+* Scores: per top-level group, from one backward pass of the AGQ module
+  (:meth:`~torchmix.likelihood.agq.AGQLogLik.top_scores`).
+* The sandwich :math:`\mathcal H^{-1}J\mathcal H^{-1}` is formed over
+  :math:`\psi=(\beta,\theta)` (absolute Cholesky entries, signs normalised) and carried to
+  :math:`(\beta,\tau)` by the delta method, :math:`V_\tau = DV_\theta D^\top`,
+  :math:`D=\partial\tau/\partial\theta`. This equals forming it over :math:`(\beta,\tau)` directly:
+  :math:`\mathcal H_\tau = D^{-\top}\mathcal H_\theta D^{-1}` and :math:`s_\tau = s_\theta D^{-1}` at a
+  stationary point, so :math:`\mathcal H_\tau^{-1}J_\tau\mathcal H_\tau^{-1} = D\,V_\theta D^\top`; the
+  :math:`\theta` form also stays defined at a zero variance.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..covariance import lambda_from_theta, tau_from_lambda, theta_index
+
+__all__ = ["fd_hessian", "tau_of_theta", "tau_jacobian", "boundary_pattern"]
+
+EPS_QUARTER = torch.finfo(torch.float64).eps ** 0.25
+
+
+def fd_hessian(grad_fn: Callable[[torch.Tensor], torch.Tensor], psi: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    r"""Symmetrised central-difference Hessian of a function with exact gradient ``grad_fn``.
+
+    Parameters
+    ----------
+    grad_fn : ``(k,) -> (k,)`` gradient.
+    psi : ``(k,)`` point; ``free`` : boolean ``(k,)``, coordinates to differentiate.
+
+    Returns
+    -------
+    tensor ``(m, m)`` over the free coordinates (``m = free.sum()``).
+    """
+    idx = torch.nonzero(free).flatten().tolist()
+    cols = []
+    for r in idx:
+        h = (abs(float(psi[r])) + 1.0) * EPS_QUARTER
+        e = torch.zeros_like(psi)
+        e[r] = h
+        cols.append((grad_fn(psi + e)[free] - grad_fn(psi - e)[free]) / (2.0 * h))
+    hess = torch.stack(cols, dim=1)
+    return 0.5 * (hess + hess.transpose(0, 1))
+
+
+def tau_of_theta(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+    r"""All variance components :math:`\tau` (reporting order) from the concatenated absolute :math:`\theta`."""
+    out, pos = [], 0
+    for ts in term_sizes:
+        k = sum(q * (q + 1) // 2 for q in ts)
+        lam = lambda_from_theta(theta_all[pos:pos + k], ts)
+        out.append(tau_from_lambda(lam, ts))
+        pos += k
+    return torch.cat(out)
+
+
+def tau_jacobian(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+    r""":math:`D=\partial\tau/\partial\theta`, ``(n_tau, n_theta)`` (square)."""
+    return torch.autograd.functional.jacobian(lambda t: tau_of_theta(t, term_sizes), theta_all)
+
+
+def boundary_pattern(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]], tol: float):
+    r"""Which :math:`\theta` entries to fix at 0 and which components are zero variances (MATH.md 6.5).
+
+    A random effect whose whole row of :math:`T_t` is below ``tol`` in absolute value has variance 0:
+    its row is fixed at 0, and its variance and covariances are reported as 0 with SE NaN. A
+    diagonal entry below ``tol`` in an otherwise non-zero row (a singular covariance matrix) is fixed
+    at 0 as well.
+
+    Returns
+    -------
+    fixed : bool ``(n_theta,)``; zero_tau : bool ``(n_tau,)``; singular : bool, whether any
+    diagonal entry was below ``tol``.
+    """
+    fixed, zero_tau, singular = [], [], False
+    pos = 0
+    for ts in term_sizes:
+        offset = 0
+        for q in ts:
+            k = q * (q + 1) // 2
+            th = theta_all[pos:pos + k]
+            rows, cols = theta_index([q])
+            tiny = th.abs() < tol
+            row_zero = torch.tensor([bool(tiny[rows == r].all()) for r in range(q)])
+            fixed.append(row_zero[rows] | (tiny & (rows == cols)))
+            singular = singular or bool((tiny & (rows == cols)).any())
+            # reporting order within the term: variances, then covariances (column-major lower)
+            zt = [bool(row_zero[r]) for r in range(q)]
+            zt += [bool(row_zero[r] or row_zero[c]) for c in range(q) for r in range(c + 1, q)]
+            zero_tau.append(torch.tensor(zt, dtype=torch.bool))
+            pos += k
+            offset += q
+    return torch.cat(fixed), torch.cat(zero_tau), singular
