@@ -67,12 +67,13 @@ def simulate(family: str, n_top=8, n_mid=3, rows=(3, 7), levels=2, slope=False, 
     rng = np.random.default_rng(seed)
     out = []
     n2 = n_top if levels == 2 else n_top * n_mid
+    vk = rng.normal(0, 1.0, size=n_top)
     for j in range(n2):
         k = j // n_mid
         n = int(rng.integers(rows[0], rows[1] + 1))
         x = rng.normal(size=n)
         u = rng.normal(0, 0.8)
-        v = rng.normal(0, 0.6) if levels == 3 else 0.0
+        v = vk[k] if levels == 3 else 0.0
         b = rng.normal(0, 0.4) if slope else 0.0
         eta = -0.2 + 0.6 * x + u + v + b * x
         if family == "poisson":

@@ -50,6 +50,7 @@ __all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
 
 DEFAULT_CHUNK_ELEMS = 2 ** 24
 CACHE_ELEMS = 2 ** 19  # column chunks of the fused two-level node pass (4 MiB of float64)
+MODE_RESTARTS = 3
 
 
 def _upper_solve_nodes(chol: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,7 @@ class AGQLogLik(nn.Module):
         return max(1, min(n_nodes, self.max_chunk_elems // max(per_node, 1)))
 
     # ---- two levels
-    def _forward2(self, eta0, zl, kappa):
+    def _forward2(self, eta0, zl, kappa, restarts: int = MODE_RESTARTS):
         fam, y, w1, g, n = self.family, self.y, self.w1, self.g2, self.n2
         u_hat, it, ok = newton_modes_2(fam, y, w1, g, n, eta0, zl, self.u2, kappa, self.mode_tol,
                                        self.mode_max_iter)
@@ -237,9 +238,26 @@ class AGQLogLik(nn.Module):
             node_sums = torch.cat(sums, dim=1)
         else:
             node_sums = node_pass(eta_star, zl, offsets, self._node_data(), kappa)
-        total = self.lwn2 + prior + node_sums
+        g_nodes = prior + node_sums  # g_j at every node
+        if restarts > 0 and g_nodes.shape[1] > 1:
+            better = self._better_nodes(g_nodes.detach(), eta_star.detach(), u_star.detach(), kappa)
+            if better is not None:  # a node beats the mode: the mode was local; restart from that node
+                best = g_nodes.detach().argmax(1)
+                nodes = (u_star[:, None, :] + offsets).detach()[torch.arange(n, device=best.device), best]
+                self.u2 = torch.where(better[:, None], nodes, u_star.detach())
+                return self._forward2(eta0, zl, kappa, restarts - 1)
+        total = self.lwn2 + g_nodes
         log_l = torch.logsumexp(total, dim=1) - _log_det_chol(chol)
         return self.w2 * log_l
+
+    def _better_nodes(self, g_nodes, eta_star, u_star, kappa):
+        r"""Groups where some quadrature node has a higher :math:`g_j` than the mode found (only possible
+        when :math:`g_j` is multimodal, i.e. for links that are not log-concave); None if there is none."""
+        with torch.no_grad():
+            g_hat = (segsum(self.w1 * self.family.logf(self.y, eta_star, kappa), self.g2, self.n2)
+                     - 0.5 * (u_star * u_star).sum(-1))
+            better = g_nodes.max(1).values > g_hat + 1e-9 * (1.0 + g_hat.abs())
+        return better if bool(better.any()) else None
 
     def _observed_chol2(self, eta, zl, kappa):
         fam, w1, g, n = self.family, self.w1, self.g2, self.n2
