@@ -225,3 +225,22 @@ def test_loop_warm_starts_suppresses_later_warnings_and_shows_progress(pooled, c
     assert "plausible values" in capsys.readouterr().err
     fit_plausible_values(None, {"a": 0, "b": 1}, lambda p, y, start=None: pooled.fits[y], progress=False)
     assert "plausible values" not in capsys.readouterr().err
+
+
+def test_plausible_values_with_a_logit_model(nz):
+    """Any family: K binary outcomes (PVk > 480) pooled the same way."""
+    d = nz.assign(**{f"pass{k}": (nz[f"PV{k}MATH"] > 480).astype(float) for k in (1, 2, 3)})
+    kw = dict(weights=["W_FSTUWT", "W_FSCHWT"], family="binomial")
+    pooled = quiet("passed ~ ST04Q01 + MATHEFF + (1 | SCHOOLID)", d,
+                   plausible_values={"passed": ["pass1", "pass2", "pass3"]}, **kw)
+    single = quiet("pass3 ~ ST04Q01 + MATHEFF + (1 | SCHOOLID)", d, **kw)
+    assert pooled.n_pv == 3 and pooled.converged and pooled.icc is None
+    # the warm-started third fit equals the cold single fit
+    assert_same_fit(pooled.fits[2], single, rtol=1e-6)
+    est = np.array([f.coef.to_numpy() for f in pooled.fits])
+    se = np.array([f.se.to_numpy() for f in pooled.fits])
+    np.testing.assert_allclose(pooled.coef.to_numpy(), est.mean(0), rtol=1e-14)
+    v_imp = 4 / 6 * ((est - est.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(pooled.se.to_numpy(), np.sqrt(v_imp + (se ** 2).mean(0)), rtol=1e-12)
+    assert list(pooled.varcomp.index) == ["SCHOOLID:(Intercept)"]
+    assert "Plausible Values: 3" in str(pooled.summary())
