@@ -19,6 +19,7 @@ import torch
 
 from .design import Design, build_design
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
+from .families import get_family
 from .fit.gaussian import fit_gaussian
 from .formula import parse_formula
 from .results import MixedResults
@@ -44,8 +45,7 @@ class Prepared:
 
     @property
     def is_gaussian(self) -> bool:
-        fam = self.family
-        return fam is None or bool(getattr(fam, "is_gaussian_identity", False))
+        return bool(self.family.is_gaussian_identity)
 
 
 def _resolve_device(device) -> torch.device:
@@ -80,12 +80,6 @@ def _resolve_n_quad(n_quad) -> int:
 
 
 def _resolve_family(family, link):
-    try:
-        from .families import get_family
-    except ImportError:  # families module not yet available
-        class _G:
-            name, is_gaussian_identity = "gaussian", True
-        return _G()
     return get_family(family, link)
 
 
@@ -130,7 +124,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
         raise ConfigError(f"tol must be a positive number, got {tol!r}")
 
     fam = _resolve_family(family, link)
-    gaussian = bool(getattr(fam, "is_gaussian_identity", False))
+    gaussian = bool(fam.is_gaussian_identity)
 
     pv_cols, response_name = None, None
     if plausible_values is not None:
