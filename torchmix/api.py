@@ -79,10 +79,6 @@ def _resolve_n_quad(n_quad) -> int:
     return int(round(float(n_quad)))
 
 
-def _resolve_family(family, link):
-    return get_family(family, link)
-
-
 def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.ndarray:
     if gaussian:
         arr = np.asarray(y_raw)
@@ -123,7 +119,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
         raise ConfigError(f"tol must be a positive number, got {tol!r}")
 
-    fam = _resolve_family(family, link)
+    fam = get_family(family, link)
     gaussian = bool(fam.is_gaussian_identity)
 
     pv_cols, response_name = None, None
