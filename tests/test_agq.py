@@ -312,3 +312,38 @@ def test_multimodal_posterior_restarts_from_the_best_node():
         assert float(mod.modes[0][4, 0]) == pytest.approx(0.8335, abs=1e-3)
     assert values[0] == pytest.approx(values[1], rel=1e-13) and values[0] == pytest.approx(values[2], rel=1e-13)
     assert abs(values[0] - float(local.sum())) > 1e-4  # the two centres give different approximations
+
+
+@pytest.mark.parametrize("fam_name,link", [("binomial", "logit"), ("binomial", "probit"), ("poisson", "log")])
+@pytest.mark.parametrize("slope", [False, True])
+def test_hand_written_adaptation_backward_equals_autograd(fam_name, link, slope):
+    """The two-level adaptation step has a hand-written backward; it must equal autograd's."""
+    from torchmix.likelihood.adapt import adapt2, adapt2_autograd
+    from torchmix.likelihood.modes import newton_modes_2
+    from torchmix.likelihood.segments import Grouping
+
+    df = simulate(fam_name, seed=15, slope=slope, link=link)
+    tens = frame_tensors(df, slope=slope)
+    fam = get_family(fam_name, link)
+    lv = tens.levels[0]
+    grp = Grouping(lv.group, lv.n_groups)
+    lam = lambda_from_theta(t(0.9, 0.3, 0.5), (2,)) if slope else t(1.2).reshape(1, 1)
+    eta0 = (tens.X @ t(0.1, 0.4)).requires_grad_(True)
+    zl = (lv.Z @ lam).requires_grad_(True)
+    u_hat, _, ok = newton_modes_2(fam, tens.y, tens.w1_cond, grp, eta0, zl, torch.zeros(lv.n_groups, lv.q, dtype=F64))
+    assert ok
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(lv.n_groups, lv.q, generator=gen, dtype=F64), torch.randn(tens.n_obs, generator=gen,
+               dtype=F64), torch.randn(lv.n_groups, lv.q, lv.q, generator=gen, dtype=F64)]
+    grads = []
+    for fn in (adapt2, adapt2_autograd):
+        outs = fn(fam, tens.y, tens.w1_cond, grp, eta0, zl, u_hat)
+        loss = sum((o * wt).sum() for o, wt in zip(outs, weights))
+        grads.append(torch.autograd.grad(loss, [eta0, zl]))
+        values = [o.detach() for o in outs]
+        if len(grads) == 1:
+            first = values
+    for a, b in zip(first, values):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

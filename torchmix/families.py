@@ -433,6 +433,10 @@ class Family:
     def d2(self, y, eta, kappa=None):
         return _elementwise_derivative(lambda e: self.logf(y, e, kappa), eta, order=2)
 
+    def dfisher_w(self, eta, kappa=None):
+        r""":math:`\partial_\eta` of :meth:`fisher_w` (autograd by default)."""
+        return _elementwise_derivative(lambda e: self.fisher_w(e, kappa), eta)
+
     def derivs(self, y, eta, kappa=None):
         r"""``(d1, fisher_w, -d2)`` at once (families override this to share work)."""
         return self.d1(y, eta, kappa), self.fisher_w(eta, kappa), -self.d2(y, eta, kappa)
@@ -504,6 +508,9 @@ class Gaussian(Family):
         w = torch.ones_like(eta) if self.is_canonical else self.mu_eta(eta) ** 2
         return w if kappa is None else w / kappa
 
+    def dfisher_w(self, eta, kappa=None):
+        return torch.zeros_like(eta) if self.is_canonical else super().dfisher_w(eta, kappa)
+
     def d1(self, y, eta, kappa=None):
         if not self.is_canonical:
             return super().d1(y, eta, kappa)
@@ -558,6 +565,11 @@ class Binomial(Family):
             w = torch.sigmoid(-eta) * mu
             return y - mu, w, w
         return super().derivs(y, eta, kappa)
+
+    def dfisher_w(self, eta, kappa=None):
+        if isinstance(self.link, LogitLink):
+            return self.link.mu_eta(eta) * torch.tanh(-0.5 * eta)  # W (1 - 2 mu)
+        return super().dfisher_w(eta, kappa)
 
     def starting_mu(self, y):
         return (y + 0.5) / 2.0
@@ -628,6 +640,11 @@ class Poisson(Family):
             mu = self.link.inverse(eta)
             return y - mu, mu, mu
         return super().derivs(y, eta, kappa)
+
+    def dfisher_w(self, eta, kappa=None):
+        if isinstance(self.link, LogLink):
+            return self.link.inverse(eta) * self.link.dlog_inverse(eta)
+        return super().dfisher_w(eta, kappa)
 
     def starting_mu(self, y):
         return y + 0.1

@@ -42,9 +42,12 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..quadrature import check_n_quad, product_grid
 from ..tensors import ModelTensors
-from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, newton_modes_2,
-                    newton_modes_3, segsum, warn_modes, weighted_outer)
+from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, chol_solve, linear_predictor,
+                    newton_modes_2, newton_modes_3, solve_upper_t, warn_modes, weighted_outer)
+from .modes import chol as cholesky
+from .adapt import adapt2, observed_chol
 from .nodepass import NodePassData, node_pass
+from .segments import Grouping
 
 __all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
 
@@ -56,7 +59,7 @@ MODE_RESTARTS = 3
 def _upper_solve_nodes(chol: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     r""":math:`R^{-1}z_{\mathbf m}` with :math:`R = L^\top`: ``chol (G, q, q)``, ``nodes (M, q)`` -> ``(G, M, q)``."""
     rhs = nodes.transpose(0, 1).expand(chol.shape[0], -1, -1)
-    return torch.linalg.solve_triangular(chol.transpose(-1, -2), rhs, upper=True).transpose(-1, -2)
+    return solve_upper_t(chol, rhs).transpose(-1, -2)
 
 
 def _log_det_chol(chol: torch.Tensor) -> torch.Tensor:
@@ -67,9 +70,9 @@ def _log_det_chol(chol: torch.Tensor) -> torch.Tensor:
 def _row_offsets(zl: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     r"""Per row :math:`\tilde z_i\cdot d_{g(i),\dots}`: ``zl (N, q)``, ``offsets (G, ..., q)`` -> ``(N, ...)``."""
     if zl.shape[1] == 1:
-        gathered = offsets[..., 0][g]
+        gathered = offsets[..., 0].index_select(0, g)
         return zl[:, 0].reshape((-1,) + (1,) * (gathered.dim() - 1)) * gathered
-    gathered = offsets[g]
+    gathered = offsets.index_select(0, g)
     shape = (zl.shape[0],) + (1,) * (gathered.dim() - 2) + (zl.shape[1],)
     return (zl.reshape(shape) * gathered).sum(-1)
 
@@ -135,10 +138,22 @@ class AGQLogLik(nn.Module):
 
     def _node_data(self) -> NodePassData:
         data = getattr(self, "_pass_data", None)
-        if data is None or data.y is not self.y:
-            data = NodePassData(self.family, self.y, self.w1, self.g2, self.n2, min(self.max_chunk_elems, CACHE_ELEMS))
+        if data is None or data.y is not self.y or data.sums.index is not self.g2:
+            data = NodePassData(self.family, self.y, self.w1, self._grouping("g2"),
+                                min(self.max_chunk_elems, CACHE_ELEMS), save_elems=self.max_chunk_elems)
             self._pass_data = data
         return data
+
+    def _grouping(self, name: str) -> Grouping:
+        """Cached segment-sum helpers (rebuilt when the module moves to another device)."""
+        index, n = {"g2": (self.g2, self.n2), "top": (self.row_top, self.n_top),
+                    "g3": (getattr(self, "g3", None), getattr(self, "n3", 0)),
+                    "parent": (getattr(self, "parent", None), getattr(self, "n3", 0))}[name]
+        cache = self.__dict__.setdefault("_groupings", {})
+        hit = cache.get(name)
+        if hit is None or hit.index is not index:
+            hit = cache[name] = Grouping(index, n)
+        return hit
 
     # ------------------------------------------------------------------ state and conveniences
     @property
@@ -189,9 +204,10 @@ class AGQLogLik(nn.Module):
             ell = self(eta0, zls, kappa)
             grads = torch.autograd.grad(ell.sum(), [eta0] + zls)
         n_top = self.n_top
-        s_beta = segsum(self.X * grads[0][:, None], self.row_top, n_top)
+        top = self._grouping("top")
+        s_beta = top.sum(self.X * grads[0][:, None])
         zs = [self.Z2] + ([self.Z3] if self.n_levels == 3 else [])
-        s_lam = [segsum(z[:, :, None] * gz[:, None, :], self.row_top, n_top) for z, gz in zip(zs, grads[1:])]
+        s_lam = [top.sum(z[:, :, None] * gz[:, None, :]) for z, gz in zip(zs, grads[1:])]
         return ell.detach(), s_beta, s_lam
 
     # ------------------------------------------------------------------ forward
@@ -207,21 +223,14 @@ class AGQLogLik(nn.Module):
 
     # ---- two levels
     def _forward2(self, eta0, zl, kappa, restarts: int = MODE_RESTARTS):
-        fam, y, w1, g, n = self.family, self.y, self.w1, self.g2, self.n2
-        u_hat, it, ok = newton_modes_2(fam, y, w1, g, n, eta0, zl, self.u2, kappa, self.mode_tol,
-                                       self.mode_max_iter)
+        fam, y, w1, n = self.family, self.y, self.w1, self.n2
+        g = self._grouping("g2")
+        u_hat, it, ok = newton_modes_2(fam, y, w1, g, eta0, zl, self.u2, kappa, self.mode_tol, self.mode_max_iter)
         self.mode_iterations = it
         warn_modes(ok, it)
         # one differentiable Newton step with the observed curvature held fixed (implicit derivative)
-        eta_hat = linear_predictor(eta0, [(zl, u_hat, g)])
-        grad = segsum((w1 * fam.d1(y, eta_hat, kappa))[:, None] * zl, g, n) - u_hat
-        with torch.no_grad():
-            chol_obs = self._observed_chol2(eta_hat.detach(), zl.detach(), kappa)
-        u_star = u_hat + torch.cholesky_solve(grad[:, :, None], chol_obs)[:, :, 0]
-        eta_star = linear_predictor(eta0, [(zl, u_star, g)])
-        hess = weighted_outer(w1 * fam.fisher_w(eta_star, kappa), zl, zl, g, n) + torch.eye(
-            self.q2, dtype=zl.dtype, device=zl.device)
-        chol = torch.linalg.cholesky(hess)
+        u_star, eta_star, hess = adapt2(fam, y, w1, g, eta0, zl, u_hat, kappa)
+        chol = cholesky(hess)
         self.u2 = u_star.detach()
         offsets = _upper_solve_nodes(chol, self.nodes2)  # (G, M, q)
         prior = -0.5 * ((u_star[:, None, :] + offsets) ** 2).sum(-1)  # (G, M)
@@ -254,43 +263,36 @@ class AGQLogLik(nn.Module):
         r"""Groups where some quadrature node has a higher :math:`g_j` than the mode found (only possible
         when :math:`g_j` is multimodal, i.e. for links that are not log-concave); None if there is none."""
         with torch.no_grad():
-            g_hat = (segsum(self.w1 * self.family.logf(self.y, eta_star, kappa), self.g2, self.n2)
-                     - 0.5 * (u_star * u_star).sum(-1))
+            if self.n_quad % 2 == 1:  # the centre node z = 0 sits at the mode
+                g_hat = g_nodes[:, (g_nodes.shape[1] - 1) // 2]
+            else:
+                g_hat = (self._grouping("g2").sum(self.w1 * self.family.logf(self.y, eta_star, kappa))
+                         - 0.5 * (u_star * u_star).sum(-1))
             better = g_nodes.max(1).values > g_hat + 1e-9 * (1.0 + g_hat.abs())
         return better if bool(better.any()) else None
-
-    def _observed_chol2(self, eta, zl, kappa):
-        fam, w1, g, n = self.family, self.w1, self.g2, self.n2
-        eye = torch.eye(self.q2, dtype=zl.dtype, device=zl.device)
-        curv = fam.derivs(self.y, eta, kappa)[2]
-        chol, info = torch.linalg.cholesky_ex(weighted_outer(w1 * curv, zl, zl, g, n) + eye)
-        if bool((info != 0).any()):
-            chol = torch.linalg.cholesky(weighted_outer(w1 * curv.clamp_min(0.0), zl, zl, g, n) + eye)
-        return chol
 
     def _node_sums2(self, eta_star, zl, offsets, kappa):
         eta = eta_star[:, None] + _row_offsets(zl, offsets, self.g2)  # (N, m)
         lf = self.w1[:, None] * self.family.logf(self.y[:, None], eta, kappa)
-        return segsum(lf, self.g2, self.n2)
+        return self._grouping("g2").sum(lf)
 
     # ---- three levels
     def _forward3(self, eta0, zl2, zl3, kappa):
         fam, y, w1 = self.family, self.y, self.w1
-        g2, g3, n2, n3, parent, w2 = self.g2, self.g3, self.n2, self.n3, self.parent, self.w2
-        u_hat, v_hat, it, ok = newton_modes_3(fam, y, w1, g2, n2, g3, parent, n3, w2, eta0, zl2, zl3, self.u2,
-                                              self.u3, kappa, self.mode_tol, self.mode_max_iter)
+        g2, g3, parent, w2 = self._grouping("g2"), self._grouping("g3"), self._grouping("parent"), self.w2
+        u_hat, v_hat, it, ok = newton_modes_3(fam, y, w1, g2, g3, parent, w2, eta0, zl2, zl3, self.u2, self.u3, kappa,
+                                              self.mode_tol, self.mode_max_iter)
         self.mode_iterations = it
         warn_modes(ok, it)
         eta_hat = linear_predictor(eta0, [(zl2, u_hat, g2), (zl3, v_hat, g3)])
-        gamma_u, gamma_v = arrow_gradients(fam, y, w1, eta_hat, zl2, zl3, g2, n2, parent, n3, w2, u_hat, v_hat,
-                                           kappa)
+        gamma_u, gamma_v = arrow_gradients(fam, y, w1, eta_hat, zl2, zl3, g2, parent, w2, u_hat, v_hat, kappa)
         with torch.no_grad():
             fac_obs, b_obs = self._observed_arrow(eta_hat.detach(), zl2.detach(), zl3.detach(), kappa)
-        du, dv = arrow_solve(fac_obs, gamma_u, gamma_v, b_obs, w2, parent, n3)
+        du, dv = arrow_solve(fac_obs, gamma_u, gamma_v, b_obs, w2, parent)
         u_star, v_star = u_hat + du, v_hat + dv
         eta_star = linear_predictor(eta0, [(zl2, u_star, g2), (zl3, v_star, g3)])
-        a, b, d = arrow_blocks(w1, fam.fisher_w(eta_star, kappa), zl2, zl3, g2, n2)
-        fac = arrow_factor(a, b, d, w2, parent, n3)
+        a, b, d = arrow_blocks(w1, fam.fisher_w(eta_star, kappa), zl2, zl3, g2)
+        fac = arrow_factor(a, b, d, w2, parent)
         self.u2, self.u3 = u_star.detach(), v_star.detach()
 
         outer = _upper_solve_nodes(fac.chol_s, self.nodes3)  # (G3, M3, q3)
@@ -306,30 +308,30 @@ class AGQLogLik(nn.Module):
             else:
                 parts.append(self._inner3(*args))
         inner_log = torch.cat(parts, dim=1)  # (G2, M3)
-        total = self.lwn3 + outer_prior + segsum(w2[:, None] * inner_log, parent, n3)
+        total = self.lwn3 + outer_prior + parent.sum(w2[:, None] * inner_log)
         log_l = (torch.logsumexp(total, dim=1) - _log_det_chol(fac.chol_s)
-                 - segsum(w2 * _log_det_chol(fac.chol_a), parent, n3))
+                 - parent.sum(w2 * _log_det_chol(fac.chol_a)))
         return self.w3 * log_l
 
     def _observed_arrow(self, eta, zl2, zl3, kappa):
         fam, w1 = self.family, self.w1
         curv = fam.derivs(self.y, eta, kappa)[2]
-        args = (self.w2, self.parent, self.n3)
+        g2, args = self._grouping("g2"), (self.w2, self._grouping("parent"))
         try:
-            a, b, d = arrow_blocks(w1, curv, zl2, zl3, self.g2, self.n2)
+            a, b, d = arrow_blocks(w1, curv, zl2, zl3, g2)
             return arrow_factor(a, b, d, *args), b
         except torch.linalg.LinAlgError:
-            a, b, d = arrow_blocks(w1, curv.clamp_min(0.0), zl2, zl3, self.g2, self.n2)
+            a, b, d = arrow_blocks(w1, curv.clamp_min(0.0), zl2, zl3, g2)
             return arrow_factor(a, b, d, *args), b
 
     def _inner3(self, eta_star, zl2, zl3, u_star, a_inv_b, inner, outer_c, kappa):
         r"""Inner log-integrals :math:`I_{j\mathbf m}` for a chunk of outer nodes, ``(G2, mc)``."""
         parent, g2, g3 = self.parent, self.g2, self.g3
-        shift = -(a_inv_b[:, None, :, :] @ outer_c[parent][:, :, :, None])[..., 0]  # (G2, mc, q2)
+        shift = -(a_inv_b[:, None, :, :] @ outer_c.index_select(0, parent)[:, :, :, None])[..., 0]  # (G2, mc, q2)
         d = shift[:, :, None, :] + inner[:, None, :, :]  # (G2, mc, M2, q2)
         prior = -0.5 * ((u_star[:, None, None, :] + d) ** 2).sum(-1)  # (G2, mc, M2)
         eta = (eta_star[:, None, None] + _row_offsets(zl3, outer_c, g3)[:, :, None]
                + _row_offsets(zl2, d, g2))  # (N, mc, M2)
         lf = self.w1[:, None, None] * self.family.logf(self.y[:, None, None], eta, kappa)
-        vals = self.lwn2 + prior + segsum(lf, g2, self.n2)
+        vals = self.lwn2 + prior + self._grouping("g2").sum(lf)
         return torch.logsumexp(vals, dim=-1)

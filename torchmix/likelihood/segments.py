@@ -1,0 +1,81 @@
+r"""Segment sums over groups as sparse (CSR) products, differentiable.
+
+For an index map :math:`i \mapsto g(i)` (rows to groups, or groups to their parents),
+
+.. math:: S_g = \sum_{i:\,g(i)=g} v_i\, x_i ,
+
+is the product of the ``(G, N)`` CSR matrix with entries :math:`v_i` at :math:`(g(i), i)` and
+``x`` viewed as ``(N, K)``. On CPU this is several times faster than ``index_add`` and it reads
+``x`` once. The backward of an unweighted sum is a gather, :math:`\partial S_g/\partial x_i = \mathbb 1[g(i)=g]`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["Grouping"]
+
+
+class Grouping:
+    r"""An index map to ``n`` groups with fast segment sums.
+
+    Parameters
+    ----------
+    index : int64 ``(N,)``, values in ``[0, n)``.
+    n : number of groups.
+    """
+
+    def __init__(self, index: torch.Tensor, n: int):
+        self.index = index
+        self.n = int(n)
+        self.size = int(index.shape[0])
+        self.perm = torch.argsort(index, stable=True)
+        crow = torch.zeros(self.n + 1, dtype=torch.int64, device=index.device)
+        crow[1:] = torch.bincount(index, minlength=self.n).cumsum(0)
+        self.crow = crow
+        self._ones = {}
+
+    def matrix(self, row_values: torch.Tensor) -> torch.Tensor:
+        """The ``(n, N)`` CSR matrix with entry ``row_values[i]`` at ``(index[i], i)``."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.perm, row_values[self.perm].contiguous(),
+                                           size=(self.n, self.size), check_invariants=False)
+
+    def ones(self, dtype: torch.dtype) -> torch.Tensor:
+        key = (dtype, self.index.device)
+        if key not in self._ones:
+            self._ones[key] = self.matrix(torch.ones(self.size, dtype=dtype, device=self.index.device))
+        return self._ones[key]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Segment sums over the first axis, ``(N, ...) -> (n, ...)``; differentiable."""
+        return _SegmentSum.apply(values, self)
+
+    def weighted(self, x: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+        """``sum_i row_values[i] * x[i]`` per group for ``x (N, K)``, no autograd."""
+        return self.matrix(row_values) @ x.reshape(self.size, -1)
+
+    def gather(self, group_values: torch.Tensor) -> torch.Tensor:
+        """``group_values[index]`` (``(n, ...) -> (N, ...)``)."""
+        return group_values.index_select(0, self.index)
+
+
+class _SegmentSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, grouping: Grouping):
+        ctx.grouping = grouping
+        ctx.shape = values.shape
+        flat = values.reshape(grouping.size, -1)
+        if flat.shape[1] == 0:
+            out = flat.new_zeros(grouping.n, 0)
+        else:
+            out = grouping.ones(values.dtype) @ flat.contiguous()
+        return out.reshape((grouping.n,) + tuple(values.shape[1:]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = ctx.grouping
+        return grad.reshape(g.n, -1).index_select(0, g.index).reshape(ctx.shape), None
