@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from torchmix.families import Link
@@ -145,3 +146,15 @@ class CauchitLink(Link):
 
     def link(self, mu):
         return torch.tan(math.pi * (mu - 0.5))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: run them on one thread, where a shared CPU cannot stall OpenMP
+    barriers (results do not depend on the thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import sleepstudy_weighted
-from glmm_support import brute_force_loglik, frame_tensors, logit_logf, make_tensors, simulate
+from glmm_support import brute_force_loglik, frame_tensors, logit_logf, make_tensors, one_thread, simulate  # noqa: F401
 from torchmix.covariance import lambda_from_theta
 from torchmix.families import get_family
 from torchmix.likelihood.agq import AGQLogLik

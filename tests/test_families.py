@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import glmm_support  # noqa: F401  (registers the user-defined cauchit link)
+from glmm_support import one_thread  # noqa: F401
 from torchmix.errors import ConfigError, DataError, DataWarning
 from torchmix.families import (Binomial, Family, Gaussian, Link, LogitLink, Poisson, get_family, get_link,
                                list_families, list_links, register_link)

@@ -10,7 +10,7 @@ import pytest
 
 import torchmix as tm
 from conftest import assert_same_fit
-from glmm_support import simulate
+from glmm_support import one_thread, simulate  # noqa: F401
 
 # the identities are checked at interior estimates
 pytestmark = pytest.mark.filterwarnings("error::torchmix.errors.BoundaryWarning")
