@@ -330,7 +330,8 @@ def test_hand_written_adaptation_backward_equals_autograd(fam_name, link, slope)
     lam = lambda_from_theta(t(0.9, 0.3, 0.5), (2,)) if slope else t(1.2).reshape(1, 1)
     eta0 = (tens.X @ t(0.1, 0.4)).requires_grad_(True)
     zl = (lv.Z @ lam).requires_grad_(True)
-    u_hat, _, ok = newton_modes_2(fam, tens.y, tens.w1_cond, grp, eta0, zl, torch.zeros(lv.n_groups, lv.q, dtype=F64))
+    u_hat, _, ok, _ = newton_modes_2(fam, tens.y, tens.w1_cond, grp, eta0, zl,
+                                     torch.zeros(lv.n_groups, lv.q, dtype=F64))
     assert ok
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(lv.n_groups, lv.q, generator=gen, dtype=F64), torch.randn(tens.n_obs, generator=gen,

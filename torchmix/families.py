@@ -400,6 +400,7 @@ class Family:
     name: str = ""
     canonical_link: str = "identity"
     has_dispersion: bool = False
+    _log_concave_links: tuple = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -458,6 +459,11 @@ class Family:
         return self.link.name == self.canonical_link
 
     @property
+    def log_concave(self) -> bool:
+        """Whether :math:`\\log f` is concave in :math:`\\eta` (then the mode search is exact Newton)."""
+        return type(self.link).__name__ in self._log_concave_links and type(self.link).__module__ == __name__
+
+    @property
     def is_gaussian_identity(self) -> bool:
         """True for the gaussian family with the identity link (closed-form likelihood)."""
         return self.name == "gaussian" and self.link.name == "identity"
@@ -494,6 +500,7 @@ class Gaussian(Family):
     name = "gaussian"
     canonical_link = "identity"
     has_dispersion = True
+    _log_concave_links = ("IdentityLink",)
 
     def logf(self, y, eta, kappa=None):
         kappa = 1.0 if kappa is None else kappa
@@ -537,6 +544,7 @@ class Binomial(Family):
 
     name = "binomial"
     canonical_link = "logit"
+    _log_concave_links = ("LogitLink", "ProbitLink", "CloglogLink")
 
     def logf(self, y, eta, kappa=None):
         if isinstance(self.link, LogitLink):
@@ -568,7 +576,8 @@ class Binomial(Family):
 
     def dfisher_w(self, eta, kappa=None):
         if isinstance(self.link, LogitLink):
-            return self.link.mu_eta(eta) * torch.tanh(-0.5 * eta)  # W (1 - 2 mu)
+            mu = torch.sigmoid(eta)
+            return mu * torch.sigmoid(-eta) * (1.0 - 2.0 * mu)  # W (1 - 2 mu)
         return super().dfisher_w(eta, kappa)
 
     def starting_mu(self, y):
@@ -610,6 +619,7 @@ class Poisson(Family):
 
     name = "poisson"
     canonical_link = "log"
+    _log_concave_links = ("LogLink",)
 
     def logf(self, y, eta, kappa=None):
         if isinstance(self.link, LogLink):

@@ -52,11 +52,14 @@ def adapt2_autograd(family, y, w1, g: Grouping, eta0, zl, u_hat, kappa=None):
     return u_star, eta_star, hess
 
 
-def adapt2(family, y, w1, g: Grouping, eta0, zl, u_hat, kappa=None):
-    """:math:`(u^\\ast\\ (G, q), \\eta^\\ast\\ (N,), H\\ (G, q, q))` with the hand-written backward."""
+def adapt2(family, y, w1, g: Grouping, eta0, zl, u_hat, kappa=None, at_mode=None):
+    """:math:`(u^\\ast\\ (G, q), \\eta^\\ast\\ (N,), H\\ (G, q, q))` with the hand-written backward.
+
+    ``at_mode`` optionally passes ``(eta_hat, d1, curvature)`` already evaluated at ``u_hat``.
+    """
     if torch.is_tensor(kappa) and kappa.requires_grad:
         return adapt2_autograd(family, y, w1, g, eta0, zl, u_hat, kappa)
-    return _Adapt2.apply(eta0, zl, u_hat.detach(), (family, y, w1, g, kappa))
+    return _Adapt2.apply(eta0, zl, u_hat.detach(), (family, y, w1, g, kappa, at_mode))
 
 
 def _rowdot(a, b):
@@ -66,9 +69,12 @@ def _rowdot(a, b):
 class _Adapt2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta0, zl, u_hat, consts):
-        family, y, w1, g, kappa = consts
-        eta_hat = linear_predictor(eta0, [(zl, u_hat, g)])
-        d1, _, curv = family.derivs(y, eta_hat, kappa)
+        family, y, w1, g, kappa, at_mode = consts
+        if at_mode is not None:
+            eta_hat, d1, curv = at_mode
+        else:
+            eta_hat = linear_predictor(eta0, [(zl, u_hat, g)])
+            d1, _, curv = family.derivs(y, eta_hat, kappa)
         gamma = g.sum((w1 * d1)[:, None] * zl) - u_hat
         chol_obs = observed_chol(family, y, w1, g, eta_hat, zl, kappa, curv=curv)
         delta = chol_solve(chol_obs, gamma[:, :, None])[:, :, 0]
@@ -78,7 +84,7 @@ class _Adapt2(torch.autograd.Function):
         dw = family.dfisher_w(eta_star, kappa)
         eye = torch.eye(zl.shape[1], dtype=zl.dtype, device=zl.device)
         hess = weighted_outer(w1 * w, zl, zl, g) + eye
-        ctx.consts = consts
+        ctx.consts = consts[:5]
         ctx.save_for_backward(zl, u_hat, u_star, chol_obs, d1, curv, w, dw)
         return u_star, eta_star, hess
 

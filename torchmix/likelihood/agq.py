@@ -225,11 +225,12 @@ class AGQLogLik(nn.Module):
     def _forward2(self, eta0, zl, kappa, restarts: int = MODE_RESTARTS):
         fam, y, w1, n = self.family, self.y, self.w1, self.n2
         g = self._grouping("g2")
-        u_hat, it, ok = newton_modes_2(fam, y, w1, g, eta0, zl, self.u2, kappa, self.mode_tol, self.mode_max_iter)
+        u_hat, it, ok, at_mode = newton_modes_2(fam, y, w1, g, eta0, zl, self.u2, kappa, self.mode_tol,
+                                                self.mode_max_iter)
         self.mode_iterations = it
         warn_modes(ok, it)
         # one differentiable Newton step with the observed curvature held fixed (implicit derivative)
-        u_star, eta_star, hess = adapt2(fam, y, w1, g, eta0, zl, u_hat, kappa)
+        u_star, eta_star, hess = adapt2(fam, y, w1, g, eta0, zl, u_hat, kappa, at_mode=at_mode)
         chol = cholesky(hess)
         self.u2 = u_star.detach()
         offsets = _upper_solve_nodes(chol, self.nodes2)  # (G, M, q)

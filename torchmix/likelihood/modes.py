@@ -32,6 +32,7 @@ __all__ = ["Grouping", "weighted_outer", "arrow_solve", "ArrowFactors", "newton_
            "linear_predictor", "chol", "chol_solve", "solve_upper_t"]
 
 MAX_HALVINGS = 30
+TRUST_STEP = 1e-2
 
 
 def weighted_outer(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: Grouping) -> torch.Tensor:
@@ -108,33 +109,43 @@ def newton_modes_2(family, y: torch.Tensor, w1: torch.Tensor, g: Grouping, eta0:
 
     Returns
     -------
-    u : ``(G, q)`` modes; iterations : int; converged : bool.
+    u : ``(G, q)`` modes; iterations : int; converged : bool;
+    at_mode : ``(eta, d1, curvature)`` evaluated at the returned ``u`` (None if not available).
 
     Notes
     -----
     A group stops when its Newton step is below ``tol`` (max-norm; the step is then not taken) or
-    when the relative change of :math:`g_j` falls below :math:`10^{-12}`. Steps are halved per group
-    (at most 30 halvings) while :math:`g_j` does not increase. The objective is only evaluated when
-    a step is taken, so a warm start at the mode costs one derivative pass.
+    when the relative change of :math:`g_j` falls below :math:`10^{-12}`. Full Newton steps no longer
+    than ``TRUST_STEP`` with exact (non-negative) curvature are taken without checking the objective
+    (the quadratic model is exact to far below rounding there); longer steps are halved per group
+    (at most 30 halvings) while :math:`g_j` does not increase. A warm start near the mode therefore
+    costs a few derivative passes and no objective evaluation.
     """
     with torch.no_grad():
         eta0, zl = eta0.detach(), zl.detach()
         q, n = zl.shape[1], g.n
         eye = _eye_like(q, zl)
+        concave = bool(getattr(family, "log_concave", False))
         u = u0.detach().clone()
         eta = linear_predictor(eta0, [(zl, u, g)])
         obj = None
         active = torch.ones(n, dtype=torch.bool, device=u.device)
         for it in range(1, max_iter + 1):
             d1, _, curv = family.derivs(y, eta, kappa)
+            exact = concave or bool((curv >= 0).all())
             grad = g.sum((w1 * d1)[:, None] * zl) - u
-            hess = weighted_outer(w1 * curv.clamp_min(0.0), zl, zl, g) + eye
+            hess = weighted_outer(w1 * (curv if exact else curv.clamp_min(0.0)), zl, zl, g) + eye
             step = chol_solve(chol(hess), grad[:, :, None])[:, :, 0]
-            small = step.abs().amax(-1) < tol if q > 0 else torch.ones_like(active)
-            active = active & ~small
+            size = step.abs().amax(-1) if q > 0 else torch.zeros(n, dtype=u.dtype, device=u.device)
+            active = active & ~(size < tol)
             if not bool(active.any()):
-                return u, it, True
+                return u, it, True, (eta, d1, curv)
             step = torch.where(active[:, None], step, torch.zeros_like(step))
+            if exact and bool((size[active] <= TRUST_STEP).all()):
+                u = u + step
+                eta = linear_predictor(eta0, [(zl, u, g)])
+                obj = None
+                continue
             if obj is None:
                 obj = _objective_2(family, y, w1, g, eta, u, kappa)
             alpha = torch.ones(n, dtype=u.dtype, device=u.device)
@@ -156,8 +167,8 @@ def newton_modes_2(family, y: torch.Tensor, w1: torch.Tensor, g: Grouping, eta0:
             u, eta, obj = u_new, eta_new, obj_new
             active = active & ~done
             if not bool(active.any()):
-                return u, it, True
-        return u, max_iter, False
+                return u, it, True, None
+        return u, max_iter, False, None
 
 
 # ---------------------------------------------------------------------------------------------
