@@ -207,3 +207,8 @@ def test_zero_variance_on_the_boundary():
     assert res.varcomp["g:(Intercept)"] == 0.0
     assert np.isnan(res.varcomp_se["g:(Intercept)"])
     assert np.isfinite(res.se).all() and np.isfinite(res.varcomp_se["Residual"])
+
+
+def test_duplicated_plausible_value_columns(df):
+    with pytest.raises(tm.ConfigError, match="'Reaction' more than once"):
+        fit("y ~ Days + (1|Subject)", df, plausible_values={"y": ["Reaction", "Reaction"]})

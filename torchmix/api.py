@@ -133,6 +133,9 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
                               f"{parsed.response!r}")
         if isinstance(pv_cols, str) or not pv_cols or not all(isinstance(c, str) for c in pv_cols):
             raise ConfigError(f"plausible_values[{response_name!r}] must be a non-empty list of column names")
+        dups = sorted({c for c in pv_cols if pv_cols.count(c) > 1})
+        if dups:
+            raise ConfigError(f"plausible_values[{response_name!r}] lists {', '.join(map(repr, dups))} more than once")
         missing = [c for c in pv_cols if c not in data.columns]
         if missing:
             raise DataError(f"plausible value column(s) not found in data: {', '.join(map(repr, missing))}")

@@ -147,7 +147,8 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
 
     theta0 = _start_theta(tensors, start, p)
     with tqdm(total=None, desc="fit", unit="round", disable=not progress, leave=False) as bar:
-        res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar)
+        res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
+                       newton_first=start is not None)
     if not bool(torch.isfinite(torch.tensor(res.fun))):
         raise NumericalError("the log-likelihood is not finite at the solution; check the response "
                              "for a perfect fit or extreme values")

@@ -37,7 +37,8 @@ def _value_and_grad(f: Callable, x: torch.Tensor):
 
 
 def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max_iter: int = 200,
-             tol: float = 1e-8, newton_steps: int = 20, progress=None) -> MinimizeResult:
+             tol: float = 1e-8, newton_steps: int = 20, progress=None,
+             newton_first: bool = False) -> MinimizeResult:
     r"""Minimise a smooth scalar function of a flat parameter vector.
 
     Parameters
@@ -48,12 +49,23 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
     tol : convergence when :math:`\max_r |\partial f/\partial x_r| <` ``tol``.
     newton_steps : at most this many Newton polish steps after L-BFGS.
     progress : optional tqdm bar, updated once per L-BFGS round.
+    newton_first : try the Newton steps from ``x0`` first and skip L-BFGS when they converge
+        (for warm starts near the optimum, where L-BFGS's first step, minus the gradient, is
+        tiny and its line search needs many evaluations).
 
     Returns
     -------
     :class:`MinimizeResult`
     """
-    x = x0.detach().clone().requires_grad_(True)
+    iterations, message = 0, "L-BFGS iteration budget reached"
+    x = x0.detach().clone()
+    if newton_first:
+        x, val, g, iterations = _newton(f, x, tol, newton_steps)
+        if float(g.abs().max()) < tol:
+            return MinimizeResult(x=x, fun=float(val), grad_max=float(g.abs().max()),
+                                  converged=bool(torch.isfinite(val)), iterations=iterations,
+                                  message="converged")
+    x = x.requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=1.0, max_iter=25, history_size=20, tolerance_grad=tol * 1e-3,
                             tolerance_change=1e-16, line_search_fn="strong_wolfe")
 
@@ -63,7 +75,6 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
         val.backward()
         return val
 
-    iterations, message = 0, "L-BFGS iteration budget reached"
     last = float("inf")
     while iterations < max_iter:
         before = opt.state[opt._params[0]].get("n_iter", 0)
@@ -82,7 +93,24 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
             message = "L-BFGS converged"
             break
         last = now
-    x = x.detach()
+    x, val, g, n_polish = _newton(f, x.detach(), tol, newton_steps)
+    iterations += n_polish
+    grad_max = float(g.abs().max())
+    converged = bool(torch.isfinite(val)) and grad_max < tol
+    if converged:
+        message = "converged"
+    elif message == "L-BFGS converged":
+        message = f"gradient test failed (max |gradient| {grad_max:.3g} >= {tol:.3g})"
+    return MinimizeResult(x=x, fun=float(val), grad_max=grad_max, converged=converged, iterations=iterations,
+                          message=message)
+
+
+def _newton(f, x, tol, newton_steps):
+    """Damped Newton steps with the exact Hessian while it is positive definite.
+
+    Returns ``(x, value, gradient, steps taken)``.
+    """
+    steps = 0
     val, g = _value_and_grad(f, x)
     hess_f = hessian(f)
     for _ in range(newton_steps):
@@ -95,7 +123,7 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
             break
         step = -torch.cholesky_solve(g[:, None], chol).squeeze(1)
         alpha, accepted = 1.0, False
-        noise = 16 * torch.finfo(x.dtype).eps * (1 + abs(float(val)))
+        noise = 1024 * torch.finfo(x.dtype).eps * (1 + abs(float(val)))
         for _ in range(30):
             cand = x + alpha * step
             cval, cg = _value_and_grad(f, cand)
@@ -108,12 +136,5 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
         if not accepted:
             break
         x, val, g = cand, cval, cg
-        iterations += 1
-    grad_max = float(g.abs().max())
-    converged = bool(torch.isfinite(val)) and grad_max < tol
-    if converged:
-        message = "converged"
-    elif message == "L-BFGS converged":
-        message = f"gradient test failed (max |gradient| {grad_max:.3g} >= {tol:.3g})"
-    return MinimizeResult(x=x, fun=float(val), grad_max=grad_max, converged=converged, iterations=iterations,
-                          message=message)
+        steps += 1
+    return x, val, g, steps
