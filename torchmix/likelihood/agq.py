@@ -48,6 +48,7 @@ from .modes import chol as cholesky
 from .adapt import adapt2, observed_chol
 from .nodepass import NodePassData, node_pass
 from .segments import Grouping
+from .smallmat import solve_lower
 
 __all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
 
@@ -247,7 +248,8 @@ class AGQLogLik(nn.Module):
                     sums.append(self._node_sums2(*args))
             node_sums = torch.cat(sums, dim=1)
         else:
-            node_sums = node_pass(eta_star, zl, offsets, self._node_data(), kappa)
+            lower_inv_zl = solve_lower(chol.index_select(0, g.index), zl[:, :, None])[:, :, 0]  # R^{-T} zl
+            node_sums = node_pass(eta_star, lower_inv_zl, self.nodes2, self._node_data(), kappa)
         g_nodes = prior + node_sums  # g_j at every node
         if restarts > 0 and g_nodes.shape[1] > 1:
             better = self._better_nodes(g_nodes.detach(), eta_star.detach(), u_star.detach(), kappa)

@@ -4,15 +4,19 @@ For level-2 groups :math:`j`, quadrature nodes :math:`m` and node offsets :math:
 
 .. math::
     S_{jm} = \sum_{i\in j} w_{i\mid j}\,\log f\big(y_i \mid \eta^\ast_i + \tilde z_i^\top D_{jm}\big),
-    \qquad \frac{\partial S}{\partial\eta_{im}} = w_{i\mid j}\,\partial_\eta\log f(y_i\mid\eta_{im}).
+    \qquad D_{jm} = R_j^{-1} z_m,
 
-This is the only :math:`N\times M` work of an evaluation, so it is written to touch memory as little
-as possible: nodes are processed in column chunks small enough to stay in cache, buffers are
-updated in place, and segment sums over groups are one CSR sparse-dense product. The derivative
-needed by the backward pass is kept from the forward pass when :math:`N\times M` is at most
-``save_elems``; above that it is recomputed chunk by chunk, so memory stays bounded. For the Bernoulli-logit family :math:`\log f = -\operatorname{softplus}(t)` with
-:math:`t = -(2y-1)\eta`, so the forward needs one ``softplus`` and the backward one ``sigmoid`` per
-element. Gradients flow to :math:`\eta^\ast` ``(N,)``, :math:`\tilde z` ``(N, q)`` and :math:`D` ``(G, M, q)``.
+    \tilde z_i^\top D_{jm} = a_i^\top z_m,\qquad a_i = R_{g(i)}^{-\top}\tilde z_i .
+
+so the :math:`N\times M` matrix of linear predictors is the rank-:math:`q` update
+:math:`t = b\mathbf 1^\top + AZ^\top` (one ``addmm`` per chunk of nodes; :math:`b=\eta^\ast`). This
+is the only :math:`N\times M` work of an evaluation, so it is written to touch memory as little as
+possible: nodes are processed in column chunks small enough to stay in cache, buffers are updated
+in place, and segment sums over groups are one CSR sparse-dense product. The derivative needed by
+the backward pass is kept from the forward pass when :math:`N\times M` is at most ``save_elems``;
+above that it is recomputed chunk by chunk, so memory stays bounded. For the Bernoulli-logit
+family :math:`\log f = -\operatorname{softplus}(t)` with :math:`t = -(2y-1)\eta`: one ``softplus`` and
+one ``sigmoid`` per element. Gradients flow to :math:`b` ``(N,)`` and :math:`A` ``(N, q)``.
 """
 
 from __future__ import annotations
@@ -48,39 +52,32 @@ class NodePassData:
         return [(m0, min(m0 + step, n_nodes)) for m0 in range(0, n_nodes, step)]
 
 
-def _eta_chunk(data: NodePassData, base: torch.Tensor, zl: torch.Tensor, d_chunk: torch.Tensor, out=None):
-    r"""``base[:, None] + sum_r zl[:, r, None] * d_chunk[g, :, r]`` as an ``(N, mc)`` buffer (``out`` if given)."""
-    n_rows, width = base.shape[0], d_chunk.shape[1]
+def _eta_chunk(base: torch.Tensor, a: torch.Tensor, nodes_t: torch.Tensor, out=None):
+    r""":math:`t_{im} = b_i + a_i^\top z_m` for a chunk of nodes: one ``addmm`` into ``out`` ``(N, mc)``."""
+    n_rows, width = base.shape[0], nodes_t.shape[1]
     if out is None or out.shape != (n_rows, width):
         out = torch.empty(n_rows, width, dtype=base.dtype, device=base.device)
-    q = zl.shape[1]
-    if q == 0:
-        out.copy_(base[:, None].expand(-1, width))
-        return out
-    torch.index_select(d_chunk[:, :, 0], 0, data.group, out=out)
-    torch.addcmul(base[:, None], zl[:, 0:1], out, out=out)
-    if q > 1:
-        tmp = torch.empty_like(out)
-        for r in range(1, q):
-            torch.index_select(d_chunk[:, :, r], 0, data.group, out=tmp)
-            out.addcmul_(zl[:, r:r + 1], tmp)
-    return out
+    if a.shape[1] == 0:
+        return out.copy_(base[:, None].expand(-1, width))
+    if a.shape[1] == 1:
+        return torch.addcmul(base[:, None], a, nodes_t, out=out)
+    return torch.addmm(base[:, None], a, nodes_t, out=out)
 
 
 class _NodePass(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, eta_star, zl, offsets, data: NodePassData, kappa):
+    def forward(ctx, base, a, nodes, data: NodePassData, kappa):
         ctx.data, ctx.kappa = data, kappa
-        ctx.save_for_backward(eta_star, zl, offsets)
-        n_nodes = offsets.shape[1]
-        out = torch.empty(data.n_groups, n_nodes, dtype=eta_star.dtype, device=eta_star.device)
-        base, zs = _signed(data, eta_star, zl)
-        # keep d(log f)/d(eta) per chunk for the backward when that fits the memory budget
-        keep = any(ctx.needs_input_grad[:3]) and eta_star.shape[0] * n_nodes <= data.save_elems
+        ctx.save_for_backward(base, a, nodes)
+        n_nodes = nodes.shape[0]
+        out = torch.empty(data.n_groups, n_nodes, dtype=base.dtype, device=base.device)
+        bs, as_ = _signed(data, base, a)
+        # keep d(log f)/dt per chunk for the backward when that fits the memory budget
+        keep = any(ctx.needs_input_grad[:2]) and base.shape[0] * n_nodes <= data.save_elems
         ctx.kept = {}
         buf = None
         for m0, m1 in data.chunks(n_nodes):
-            t = buf = _eta_chunk(data, base, zs, offsets[:, m0:m1], out=buf)
+            t = buf = _eta_chunk(bs, as_, nodes[m0:m1].transpose(0, 1), out=buf)
             if keep:
                 ctx.kept[m0] = _derivative(data, t, kappa)
             if data.logit:
@@ -93,63 +90,57 @@ class _NodePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        eta_star, zl, offsets = ctx.saved_tensors
+        base, a, nodes = ctx.saved_tensors
         data, kappa = ctx.data, ctx.kappa
-        need_eta, need_zl, need_d = ctx.needs_input_grad[:3]
-        q = zl.shape[1]
-        g_eta = torch.zeros_like(eta_star)
-        g_zl = torch.zeros_like(zl)
-        g_d = torch.zeros_like(offsets)
-        grad_out = grad_out.contiguous()
-        base, zs = _signed(data, eta_star, zl)
-        row = -data.w1 * data.sign if data.logit else data.w1  # d log f / d eta = row * r
-        mats = [data.sums.matrix(row * zl[:, k]) for k in range(q)] if need_d else []
+        g_base = torch.zeros_like(base)
+        g_a = torch.zeros_like(a)
+        bs, as_ = _signed(data, base, a)
+        row = -data.w1 * data.sign if data.logit else data.w1  # d log f / d(b, a z) = row * r
         buf = tmp = None
-        for m0, m1 in data.chunks(offsets.shape[1]):
+        for m0, m1 in data.chunks(nodes.shape[0]):
             r = ctx.kept.pop(m0, None)
             if r is None:
-                t = buf = _eta_chunk(data, base, zs, offsets[:, m0:m1], out=buf)
+                t = buf = _eta_chunk(bs, as_, nodes[m0:m1].transpose(0, 1), out=buf)
                 r = _derivative(data, t, kappa, out=t if data.logit else None)
             if tmp is None or tmp.shape != r.shape:
                 tmp = torch.empty_like(r)
-            ones = torch.ones(r.shape[1], dtype=r.dtype, device=r.device)
-            torch.index_select(grad_out[:, m0:m1], 0, data.group, out=tmp)
+            torch.index_select(grad_out[:, m0:m1].contiguous(), 0, data.group, out=tmp)
             r.mul_(tmp)  # r_im * dL/dS[g(i), m]
-            if need_eta:
-                g_eta.add_(r @ ones)
-            for k in range(q):
-                if need_zl:
-                    torch.index_select(offsets[:, m0:m1, k], 0, data.group, out=tmp)
-                    g_zl[:, k].add_(tmp.mul_(r) @ ones)
-                if need_d:
-                    g_d[:, m0:m1, k] = mats[k] @ r
+            g_base.add_(r @ torch.ones(r.shape[1], dtype=r.dtype, device=r.device))
+            if a.shape[1]:
+                g_a.add_(r @ nodes[m0:m1])
         ctx.kept = {}
-        g_eta.mul_(row)
-        g_zl.mul_(row[:, None])
-        return (g_eta if need_eta else None, g_zl if need_zl else None, g_d if need_d else None, None, None)
+        g_base.mul_(row)
+        g_a.mul_(row[:, None])
+        return g_base, g_a, None, None, None
 
 
-def _signed(data: NodePassData, eta_star, zl):
+def _signed(data: NodePassData, base, a):
     """Row pieces of the chunk predictor: ``t = sign * eta`` for the Bernoulli-logit path."""
     if data.logit:
-        return data.sign * eta_star, data.sign[:, None] * zl
-    return eta_star, zl
+        return data.sign * base, data.sign[:, None] * a
+    return base, a
 
 
 def _derivative(data: NodePassData, t, kappa, out=None):
-    r"""Per element :math:`r` with :math:`\partial\log f/\partial\eta = \text{row}\cdot r`: ``sigmoid(t)``
+    r"""Per element :math:`r` with :math:`\partial\log f/\partial t = \text{row}\cdot r`: ``sigmoid(t)``
     (Bernoulli-logit, up to the row factor) or :math:`\partial_\eta\log f`."""
     if data.logit:
         return torch.sigmoid(t, out=out) if out is not None else torch.sigmoid(t)
     return data.family.d1(data.y[:, None], t, kappa)
 
 
-def node_pass(eta_star: torch.Tensor, zl: torch.Tensor, offsets: torch.Tensor, data: NodePassData,
+def node_pass(base: torch.Tensor, a: torch.Tensor, nodes: torch.Tensor, data: NodePassData,
               kappa=None) -> torch.Tensor:
-    r""":math:`S_{jm}` ``(G, M)`` for ``eta_star (N,)``, ``zl (N, q)``, ``offsets (G, M, q)``.
+    r""":math:`S_{jm}=\sum_{i\in j}w_{i\mid j}\log f(y_i\mid b_i + a_i^\top z_m)`, ``(G, M)``.
 
-    ``kappa`` (the gaussian dispersion) is treated as a constant here.
+    Parameters
+    ----------
+    base : ``(N,)`` :math:`b_i = \eta^\ast_i`; a : ``(N, q)`` :math:`a_i = C_{g(i)}^\top\tilde z_i` with
+        :math:`C_j = R_j^{-1}` (so that :math:`\tilde z_i^\top R_j^{-1}z_m = a_i^\top z_m`);
+    nodes : ``(M, q)`` quadrature nodes (constant).
+    kappa : the gaussian dispersion, treated as a constant here.
     """
     if torch.is_tensor(kappa):
         kappa = kappa.detach()
-    return _NodePass.apply(eta_star, zl, offsets, data, kappa)
+    return _NodePass.apply(base, a, nodes, data, kappa)
