@@ -48,7 +48,6 @@ def _gaussian_case(levels, seed=3):
     x, x2 = rng.normal(size=n), rng.normal(size=n)
     y = 1 + 0.5 * x + rng.normal(size=n) + 0.7 * rng.normal(size=50)[g]
     c1 = rng.uniform(0.5, 2.0, n)
-    c2 = np.array([{gg: rng.uniform(0.5, 2) for gg in range(50)}[gg] for gg in g])
     c2 = 1.0 + (g % 3) * 0.4
     c3 = 1.0 + (k % 2) * 0.7
     X = np.c_[np.ones(n), x]
@@ -69,6 +68,25 @@ def test_v6_gaussian_through_agq_equals_closed_form(levels, n_quad):
     sizes = [(2, 1), (1,)]
     lams = [sigma * lambda_from_theta(th, ts) for th, ts in zip(thetas, sizes)]
     got = AGQLogLik(tens, fam, n_quad).loglik(beta, lams, kappa=sigma ** 2)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_quad", [1, 4])
+def test_v6_three_levels_with_correlated_effects_at_the_top(n_quad):
+    rng = np.random.default_rng(7)
+    n = 120
+    k = rng.integers(0, 5, n)
+    g = k * 10 + rng.integers(0, 4, n)
+    x = rng.normal(size=n)
+    y = 1 + 0.5 * x + rng.normal(size=n)
+    both = np.c_[np.ones(n), x]
+    tens = make_tensors(y, both, both, g, rng.uniform(0.5, 2, n), 1.0 + (g % 3) * 0.4, Z3=both, g3=k,
+                        c3=1.0 + (k % 2) * 0.7)
+    beta, sigma = t(0.8, 0.3), 1.3
+    thetas = [t(0.7, 0.2, 0.4), t(0.9, -0.3, 0.5)]
+    ref = gaussian_loglik_by_group(tens, beta, thetas, sigma)
+    lams = [sigma * lambda_from_theta(th, (2,)) for th in thetas]
+    got = AGQLogLik(tens, get_family("gaussian"), n_quad).loglik(beta, lams, kappa=sigma ** 2)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
