@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm

@@ -25,15 +25,25 @@ inside the graph with the observed curvature :math:`H_{\rm obs}` held constant. 
 is the Cholesky factor of the Fisher-weighted curvature at :math:`\hat u^\ast`, built inside the
 graph, so autograd differentiates the evaluated objective exactly.
 
+The two-level adaptation step and node pass have hand-written backward passes
+(:mod:`torchmix.likelihood.adapt`, :mod:`torchmix.likelihood.nodepass`); the three-level path is
+plain autograd.
+
 Memory: the node pass needs :math:`N\times M^{q}` (three levels: :math:`N\times M^{q_3}\times M^{q_2}`)
-values. Nodes (outer nodes for three levels) are processed in chunks of at most
-``max_chunk_elems`` elements; with more than one chunk each chunk is recomputed in the
-backward pass (``torch.utils.checkpoint``), so memory stays bounded for large data.
+values. Two levels: nodes are processed in cache-sized chunks and the per-element derivative is kept
+for the backward pass only while :math:`N M^q \le` ``max_chunk_elems`` (recomputed otherwise). Three
+levels: outer nodes are processed in chunks of at most ``max_chunk_elems`` elements, each recomputed
+in the backward pass (``torch.utils.checkpoint``) when there is more than one. Memory stays bounded.
+
+Multimodality: for links whose :math:`\log f` is not concave (e.g. cauchit) a group's :math:`g_j` can
+have several maxima. Two levels: when a quadrature node has a higher :math:`g_j` than the mode found,
+the mode search restarts from that node (at most ``MODE_RESTARTS`` times), so the value does not
+depend on the warm start. The three-level path does not make this check.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -42,10 +52,10 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..quadrature import check_n_quad, product_grid
 from ..tensors import ModelTensors
-from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, chol_solve, linear_predictor,
-                    newton_modes_2, newton_modes_3, solve_upper_t, warn_modes, weighted_outer)
+from .adapt import adapt2
+from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, newton_modes_2,
+                    newton_modes_3, solve_upper_t, warn_modes)
 from .modes import chol as cholesky
-from .adapt import adapt2, observed_chol
 from .nodepass import NodePassData, node_pass
 from .segments import Grouping
 from .smallmat import solve_lower
