@@ -192,9 +192,9 @@ def test_register_link_decorator():
         eta = torch.linspace(-2, 2, 9, dtype=F64)
         torch.testing.assert_close(link.mu_eta(eta), torch.exp(-eta - torch.exp(-eta)))
     finally:
-        from torchmix import families
+        from torchmix import links
 
-        families._LINKS.pop("loglog_test")
+        links._LINKS.pop("loglog_test")
 
 
 def test_binomial_validate_recoding_and_errors():
