@@ -93,6 +93,9 @@ class _Adapt2(torch.autograd.Function):
         zl, u_hat, u_star, chol_obs, d1, curv, w, dw = ctx.saved_tensors
         family, y, w1, g, kappa = ctx.consts
         q = zl.shape[1]
+        if q == 1:
+            return _backward_scalar(g, w1, zl[:, 0], u_hat[:, 0], u_star[:, 0], chol_obs[:, 0, 0], d1, curv, w, dw,
+                                    g_u, g_eta, g_h)
         g_u = torch.zeros_like(u_star) if g_u is None else g_u
         g_eta = torch.zeros_like(w) if g_eta is None else g_eta.clone()
         g_zl = torch.zeros_like(zl)
@@ -117,3 +120,24 @@ class _Adapt2(torch.autograd.Function):
         g_eta0 += g_eta_hat
         g_zl += g_eta_hat[:, None] * g.gather(u_hat)
         return g_eta0, g_zl, None, None
+
+
+def _backward_scalar(g: Grouping, w1, z, u_hat, u_star, l_obs, d1, curv, w, dw, g_u, g_eta, g_h):
+    """The backward of :class:`_Adapt2` for one random effect per group, with few row-sized passes."""
+    n_rows = z.shape[0]
+    g_eta_star = torch.zeros_like(z) if g_eta is None else g_eta.clone()
+    if g_h is not None:
+        gh = g.gather(g_h[:, 0, 0])
+        g_eta_star.addcmul_(w1 * dw * z * z, gh)
+        g_zl = (2.0 * w1 * w * z).mul_(gh)
+    else:
+        g_zl = torch.zeros(n_rows, dtype=z.dtype, device=z.device)
+    g_zl.addcmul_(g_eta_star, g.gather(u_star))
+    g_ustar = g.sum((g_eta_star * z)[:, None])[:, 0]
+    if g_u is not None:
+        g_ustar = g_ustar + g_u[:, 0]
+    g_gamma = g.gather(g_ustar / (l_obs * l_obs))
+    g_eta_hat = (w1 * curv * z).mul_(g_gamma).neg_()
+    g_zl.addcmul_(w1 * d1, g_gamma)
+    g_zl.addcmul_(g_eta_hat, g.gather(u_hat))
+    return g_eta_star.add_(g_eta_hat), g_zl[:, None], None, None

@@ -53,12 +53,11 @@ from ..errors import ConfigError
 from ..quadrature import check_n_quad, product_grid
 from ..tensors import ModelTensors
 from .adapt import adapt2
-from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, newton_modes_2,
-                    newton_modes_3, solve_upper_t, warn_modes)
+from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, lower_solve,
+                    newton_modes_2, newton_modes_3, solve_upper_t, warn_modes)
 from .modes import chol as cholesky
 from .nodepass import NodePassData, node_pass
 from .segments import Grouping
-from .smallmat import solve_lower
 
 __all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
 
@@ -258,7 +257,7 @@ class AGQLogLik(nn.Module):
                     sums.append(self._node_sums2(*args))
             node_sums = torch.cat(sums, dim=1)
         else:
-            lower_inv_zl = solve_lower(chol.index_select(0, g.index), zl[:, :, None])[:, :, 0]  # R^{-T} zl
+            lower_inv_zl = lower_solve(chol.index_select(0, g.index), zl[:, :, None])[:, :, 0]  # R^{-T} zl
             node_sums = node_pass(eta_star, lower_inv_zl, self.nodes2, self._node_data(), kappa)
         g_nodes = prior + node_sums  # g_j at every node
         if restarts > 0 and g_nodes.shape[1] > 1:

@@ -29,7 +29,7 @@ from .segments import Grouping
 from .smallmat import MAX_UNROLLED, cholesky_lower, solve_lower
 
 __all__ = ["Grouping", "weighted_outer", "arrow_solve", "ArrowFactors", "newton_modes_2", "newton_modes_3",
-           "linear_predictor", "chol", "chol_solve", "solve_upper_t"]
+           "linear_predictor", "chol", "chol_solve", "solve_upper_t", "lower_solve"]
 
 MAX_HALVINGS = 30
 TRUST_STEP = 1e-2
@@ -58,7 +58,7 @@ def chol(h: torch.Tensor) -> torch.Tensor:
 
     Raises ``torch.linalg.LinAlgError`` when a block is not positive definite.
     """
-    out = cholesky_lower(h)
+    out = h.sqrt() if h.shape[-1] == 1 else cholesky_lower(h)
     if not bool(torch.isfinite(torch.diagonal(out, dim1=-2, dim2=-1)).all()):
         raise torch.linalg.LinAlgError("a curvature block is not positive definite")
     return out
@@ -67,6 +67,8 @@ def chol(h: torch.Tensor) -> torch.Tensor:
 def solve_upper_t(l: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     r"""Back substitution :math:`X = L^{-\top}B` for lower ``l (G, q, q)`` and ``b (G, q, r)``."""
     q = l.shape[-1]
+    if q == 1:
+        return b / l
     if q > MAX_UNROLLED:
         return torch.linalg.solve_triangular(l.transpose(-1, -2), b, upper=True)
     rows = [None] * q
@@ -80,7 +82,14 @@ def solve_upper_t(l: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def chol_solve(l: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     r""":math:`(LL^\top)^{-1}B` for lower ``l (G, q, q)`` and ``b (G, q, r)``."""
-    return solve_upper_t(l, solve_lower(l, b))
+    if l.shape[-1] == 1:
+        return b / (l * l)
+    return solve_upper_t(l, lower_solve(l, b))
+
+
+def lower_solve(l: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Forward substitution :math:`L^{-1}B` for lower ``l (G, q, q)`` and ``b (G, q, r)``."""
+    return b / l if l.shape[-1] == 1 else solve_lower(l, b)
 
 
 def _eye_like(q: int, ref: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,10 @@ class NodePassData:
             self.csr_lf = self.sums.matrix(w1)
 
     def chunks(self, n_nodes: int):
-        step = max(1, min(n_nodes, self.chunk_elems // max(self.y.shape[0], 1)))
+        n_rows = max(self.y.shape[0], 1)
+        # cache-sized chunks, but at least a few nodes while the memory budget allows
+        step = max(self.chunk_elems // n_rows, min(4, max(1, self.save_elems // n_rows)))
+        step = max(1, min(n_nodes, step))
         return [(m0, min(m0 + step, n_nodes)) for m0 in range(0, n_nodes, step)]
 
 
