@@ -127,7 +127,7 @@ class GaussianLikelihood(nn.Module):
         return torch.block_diag(*blocks, eye)
 
     def integrate(self, thetas: Sequence[torch.Tensor], aggregate_top: bool = False) -> _Pass:
-        """Integrate all random effects out, bottom-up (MATH.md 4.2).
+        r"""Integrate all random effects out, bottom-up (MATH.md 4.2).
 
         With ``aggregate_top`` the top level's Schur complements are not kept per group: only
         :math:`K_{top} = \sum_k w^{(L)}_k S_k` is formed (in ``s_top``, shape ``(p+1, p+1)``),
