@@ -62,6 +62,9 @@ def main():
     print(f"torchmix {tm.__version__}, torch {torch.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {args.device}, {time.strftime('%Y-%m-%d')}")
     print(f"{'rows':>9} {'pass s':>9} {'fit s':>8} {'fit/pass':>9} {'mix s':>8} {'mix/pass':>9} {'peak RSS MB':>12}")
+    # one small fit first: the first optimiser of a process pays one-off imports (torch._dynamo)
+    warm = simulate(2_000, seed=1)
+    tm.mix(formula, warm, ["w1", "w2"], device=args.device, progress=False)
     for n in args.sizes:
         df = simulate(n)
         prepared = _prepare(formula, df, ["w1", "w2"], device=args.device, progress=False)

@@ -177,7 +177,13 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
         return lik.loglik_by_group(vec[:p], th, vec[-1])
 
     scores = jacfwd(ell_k)(psi).detach()           # (G_L, n_psi)
-    hess = hessian(lambda v: ell_k(v).sum())(psi).detach()
+    # Hessian blocks used by the sandwiches (7.2, 7.3): beta-beta in closed form, -K_bb / sigma^2;
+    # (theta, sigma) by torch.func at fixed beta. The beta-(theta, sigma) cross block is not used.
+    with torch.no_grad():
+        k_bb = lik.k_top(lik.integrate(thetas))[:p, :p]
+    hess = torch.zeros(psi.numel(), psi.numel(), dtype=psi.dtype, device=psi.device)
+    hess[:p, :p] = -k_bb / sigma2
+    hess[p:, p:] = hessian(lambda v: lik.loglik(beta, _split(v[:-1], sizes), v[-1]))(psi[p:]).detach()
     ib = slice(0, p)
     cov_beta = sandwich(hess[ib, ib], scores[:, ib], small_sample, "fixed effects")
     cov_beta_model = safe_inverse_negative_hessian(hess[ib, ib], "fixed effects")

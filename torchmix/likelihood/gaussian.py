@@ -86,9 +86,10 @@ class _Pass:
     """Intermediate results of one bottom-up pass (kept for the modes)."""
 
     chol: list        # per level: (G_l, q_l, q_l) lower Cholesky factors of A
-    v: list           # per level: (G_l, q_l, r_l) = L^{-1} B
-    s_top: torch.Tensor      # (G_L, p+1, p+1) top-level Schur complements (unweighted)
+    v: list           # per level: (G_l, q_l, r_l) = L^{-1} Lambda^T C_or (rest unscaled)
+    rr_top: torch.Tensor     # (G_L, p+1, p+1) top groups' C_rr (their S_k = C_rr - V^T V)
     logdet_top: torch.Tensor  # (G_L,) weighted log-determinants summed into top groups
+    lams: list        # per level: (q_l, q_l) Lambda_l
 
 
 class GaussianLikelihood(nn.Module):
@@ -119,62 +120,74 @@ class GaussianLikelihood(nn.Module):
         self.register_buffer("n_w_top", torch.zeros(top.n_groups, dtype=m.dtype, device=m.device)
                              .index_add(0, tensors.row_top, tensors.w1_uncond), persistent=False)
         self.n_w = float(tensors.w1_uncond.sum())
+        # level-2 blocks (own effects o, rest r) and the part of the next level's matrix that
+        # does not depend on theta: sum over children of w_{g|h} CP_rr
+        q = lv2.q
+        self.register_buffer("c_oo", self.cp[:, :q, :q].contiguous(), persistent=False)
+        self.register_buffer("c_or", self.cp[:, :q, q:].contiguous(), persistent=False)
+        self.register_buffer("c_rr", self.cp[:, q:, q:].contiguous(), persistent=False)
+        if lv2.parent is None:
+            const = torch.einsum("g,gab->ab", lv2.w_uncond, self.c_rr)
+        else:
+            const = torch.zeros(tensors.levels[1].n_groups, *self.c_rr.shape[1:], dtype=m.dtype, device=m.device)
+            const = const.index_add(0, lv2.parent, lv2.w_cond[:, None, None] * self.c_rr)
+        self.register_buffer("rr_const", const, persistent=False)
 
-    # ------------------------------------------------------------------ core pass
-    def _scale(self, thetas: Sequence[torch.Tensor]) -> torch.Tensor:
-        blocks = [lambda_from_theta(th, ts) for th, ts in zip(thetas, self.term_sizes)]
-        eye = torch.eye(self.p + 1, dtype=self.cp.dtype, device=self.cp.device)
-        return torch.block_diag(*blocks, eye)
-
-    def integrate(self, thetas: Sequence[torch.Tensor], aggregate_top: bool = False) -> _Pass:
+    def integrate(self, thetas: Sequence[torch.Tensor]) -> _Pass:
         r"""Integrate all random effects out, bottom-up (MATH.md 4.2).
 
-        With ``aggregate_top`` the top level's Schur complements are not kept per group: only
-        :math:`K_{top} = \sum_k w^{(L)}_k S_k` is formed (in ``s_top``, shape ``(p+1, p+1)``),
-        which is all the profiled likelihood needs.
+        Works in unscaled coordinates for the rest variables: with :math:`C` a group's
+        crossproduct over (own effects o, rest r) and :math:`S_r` the rest's scaling,
+        :math:`A = \Lambda^\top C_{oo}\Lambda + I = LL^\top`, :math:`V = L^{-1}\Lambda^\top C_{or}` and
+        the Schur complement is :math:`S_r^\top(C_{rr} - V^\top V)S_r`; the rest scaling is applied
+        where the next level uses it, so each level touches only :math:`q\times q` and
+        :math:`q\times r` blocks per group.
+
+        The top level's complements :math:`S_k = C_{rr,k} - V_k^\top V_k` are not formed: the
+        pass keeps :math:`C_{rr}` and :math:`V` of the top groups, from which :meth:`k_top` and
+        :meth:`loglik_by_group` take what they need.
         """
-        scale = self._scale(thetas)
-        g, d = self.cp.shape[0], self.cp.shape[1]
-        # K_g = S^T CP_g S as two plain GEMMs (CP_g and K_g symmetric: (CP_g S)^T S = K_g)
-        t = (self.cp.reshape(g * d, d) @ scale).reshape(g, d, d)
-        k = (t.transpose(1, 2).reshape(g * d, d) @ scale).reshape(g, d, d)
-        chols, vs = [], []
         levels = self.tensors.levels
-        logdet_top = torch.zeros(levels[-1].n_groups, dtype=k.dtype, device=k.device)
-        for idx, lv in enumerate(levels):
+        c_oo, c_or, c_rr = self.c_oo, self.c_or, self.c_rr
+        dtype, device = c_oo.dtype, c_oo.device
+        logdet_top = torch.zeros(levels[-1].n_groups, dtype=dtype, device=device)
+        chols, vs, lams = [], [], []
+        for idx, (lv, theta, ts) in enumerate(zip(levels, thetas, self.term_sizes)):
             q = lv.q
-            a = k[:, :q, :q] + torch.eye(q, dtype=k.dtype, device=k.device)
-            b = k[:, :q, q:]
-            dd = k[:, q:, q:]
+            lam = lambda_from_theta(theta, ts)
+            a = torch.einsum("ja,gjk,kb->gab", lam, c_oo, lam) + torch.eye(q, dtype=dtype, device=device)
+            b = torch.einsum("ja,gjk->gak", lam, c_or)
             chol = cholesky_lower(a)
             ld = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
             logdet_top = logdet_top.index_add(0, lv.top, lv.w_uncond * ld)
             v = solve_lower(chol, b)
             chols.append(chol)
             vs.append(v)
+            lams.append(lam)
             if idx + 1 < len(levels):
-                s = dd - v.transpose(1, 2) @ v
                 nxt = levels[idx + 1]
-                k = torch.zeros(nxt.n_groups, *s.shape[1:], dtype=s.dtype, device=s.device).index_add(
-                    0, lv.parent, lv.w_cond[:, None, None] * s)
-            elif aggregate_top:
-                w = lv.w_uncond
-                s = torch.einsum("g,gab->ab", w, dd) - torch.einsum("gqa,gqb->ab", v * w[:, None, None], v)
-            else:
-                s = dd - v.transpose(1, 2) @ v
-        return _Pass(chol=chols, v=vs, s_top=s, logdet_top=logdet_top)
+                vtv = torch.einsum("g,gqa,gqb->gab", lv.w_cond, v, v)
+                agg = torch.zeros(nxt.n_groups, *vtv.shape[1:], dtype=dtype, device=device)
+                if idx == 0:
+                    c = self.rr_const - agg.index_add(0, lv.parent, vtv)
+                else:
+                    c = agg.index_add(0, lv.parent, lv.w_cond[:, None, None] * c_rr - vtv)
+                qn = nxt.q
+                c_oo, c_or, c_rr = c[:, :qn, :qn], c[:, :qn, qn:], c[:, qn:, qn:]
+        return _Pass(chol=chols, v=vs, rr_top=c_rr, logdet_top=logdet_top, lams=lams)
 
-    def _k_top(self, ps: _Pass) -> torch.Tensor:
-        if ps.s_top.dim() == 2:
-            return ps.s_top
-        w_top = self.tensors.levels[-1].w_uncond
-        return (w_top[:, None, None] * ps.s_top).sum(0)
+    def k_top(self, ps: _Pass) -> torch.Tensor:
+        r""":math:`K_{top} = \sum_k w^{(L)}_k (C_{rr,k} - V_k^\top V_k)`, shape ``(p+1, p+1)``."""
+        w = self.tensors.levels[-1].w_uncond
+        rr = self.rr_const if len(self.tensors.levels) == 1 else torch.einsum("g,gab->ab", w, ps.rr_top)
+        v = ps.v[-1]
+        return rr - torch.einsum("gqa,gqb->ab", v * w[:, None, None], v)
 
     # ------------------------------------------------------------------ profiled
     def profile(self, thetas: Sequence[torch.Tensor]):
         r"""Profiled quantities at ``thetas``: :math:`(\ell_p, \hat\beta, \hat\sigma^2, K_{top})`."""
-        ps = self.integrate(thetas, aggregate_top=True)
-        kt = self._k_top(ps)
+        ps = self.integrate(thetas)
+        kt = self.k_top(ps)
         p = self.p
         kbb, kby, kyy = kt[:p, :p], kt[:p, p], kt[p, p]
         beta = torch.linalg.solve(kbb, kby)
@@ -196,14 +209,29 @@ class GaussianLikelihood(nn.Module):
         """
         ps = self.integrate(thetas)
         xi = torch.cat([beta, -torch.ones(1, dtype=beta.dtype, device=beta.device)])
-        quad = torch.einsum("i,kij,j->k", xi, ps.s_top, xi)
+        vxi = ps.v[-1] @ xi
+        quad = torch.einsum("i,kij,j->k", xi, ps.rr_top, xi) - (vxi * vxi).sum(-1)
         w_top = self.tensors.levels[-1].w_uncond
         sigma2 = sigma * sigma
         return -ps.logdet_top - 0.5 * self.n_w_top * torch.log(2 * math.pi * sigma2) - 0.5 * w_top * quad / sigma2
 
+    def loglik(self, beta: torch.Tensor, thetas: Sequence[torch.Tensor], sigma: torch.Tensor) -> torch.Tensor:
+        r"""Total :math:`\ell(\beta,\theta,\sigma) = \sum_k \ell_k` of (4.3) from the aggregated
+        :math:`K_{top}` (cheaper than summing :meth:`loglik_by_group`), a 0-d tensor.
+        """
+        ps = self.integrate(thetas)
+        xi = torch.cat([beta, -torch.ones(1, dtype=beta.dtype, device=beta.device)])
+        sigma2 = sigma * sigma
+        return (-ps.logdet_top.sum() - 0.5 * self.n_w * torch.log(2 * math.pi * sigma2)
+                - 0.5 * (xi @ self.k_top(ps) @ xi) / sigma2)
+
     # ------------------------------------------------------------------ modes
     def modes(self, thetas: Sequence[torch.Tensor], beta: torch.Tensor, ps: _Pass | None = None) -> list:
         r"""Conditional modes :math:`\hat u_g = -A_g^{-1}B_g\xi_r` per level, top-down (4.3).
+
+        With the rest unscaled, :math:`B_g\xi_r = L_g V_g \rho_g` where :math:`\rho_g` stacks the
+        ancestors' :math:`\hat b = \Lambda\hat u` and :math:`(\hat\beta, -1)`, so
+        :math:`\hat u_g = -L_g^{-\top}V_g\rho_g`.
 
         Returns a list (level 2 first) of ``(G_l, q_l)`` spherical modes (relative scale);
         :math:`\hat b_g = \Lambda_l\hat u_g`.
@@ -216,12 +244,13 @@ class GaussianLikelihood(nn.Module):
         us = [None] * len(levels)
         for idx in range(len(levels) - 1, -1, -1):
             chol, v = ps.chol[idx], ps.v[idx]
-            rhs = (v @ rest.unsqueeze(-1))
+            rhs = v @ rest.unsqueeze(-1)
             u = -torch.linalg.solve_triangular(chol.transpose(1, 2), rhs, upper=True).squeeze(-1)
             us[idx] = u
             if idx > 0:
                 parent = levels[idx - 1].parent
-                rest = torch.cat([u[parent], rest[parent]], dim=1)
+                b = u @ ps.lams[idx].transpose(0, 1)
+                rest = torch.cat([b[parent], rest[parent]], dim=1)
         return us
 
 
