@@ -97,7 +97,7 @@ class Family:
 
     # -- the table of MATH.md 1.4 -----------------------------------------------------------------
     def logf(self, y, eta, kappa=None):
-        raise NotImplementedError
+        raise NotImplementedError(f"family {self.name!r} must implement logf (abstract method)")
 
     def linkinv(self, eta):
         return self.link.inverse(eta)
@@ -106,7 +106,7 @@ class Family:
         return self.link.mu_eta(eta)
 
     def variance(self, mu):
-        raise NotImplementedError
+        raise NotImplementedError(f"family {self.name!r} must implement variance (abstract method)")
 
     def fisher_w(self, eta, kappa=None):
         mu = self.linkinv(eta)
@@ -136,7 +136,7 @@ class Family:
 
     def unit_deviance(self, y, mu):
         r"""Unit deviance :math:`d_i` (deviance residuals are :math:`\operatorname{sign}(y-\mu)\sqrt{d_i}`)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"family {self.name!r} does not implement unit_deviance (abstract method)")
 
     # -- conveniences ---------------------------------------------------------------------------
     @property

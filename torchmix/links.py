@@ -105,12 +105,12 @@ class Link:
     # -- required -----------------------------------------------------------------------------
     def inverse(self, eta: torch.Tensor) -> torch.Tensor:
         r""":math:`\mu = h(\eta)`, elementwise."""
-        raise NotImplementedError(f"link {self.name!r} must implement inverse(eta)")
+        raise NotImplementedError(f"link {self.name!r} must implement inverse(eta) (abstract method)")
 
     # -- optional -----------------------------------------------------------------------------
     def link(self, mu: torch.Tensor) -> torch.Tensor:
         r""":math:`\eta = h^{-1}(\mu)` (optional; used for starting values)."""
-        raise NotImplementedError(f"link {self.name!r} does not implement link(mu)")
+        raise NotImplementedError(f"link {self.name!r} does not implement link(mu) (optional, abstract method)")
 
     @property
     def has_link(self) -> bool:
