@@ -92,6 +92,11 @@ def describe_scaling(method) -> str:
     }[method]
 
 
+def _sentence(phrase: str) -> str:
+    """Upper-case the first letter only (``str.capitalize`` would lower-case "method A")."""
+    return phrase[:1].upper() + phrase[1:]
+
+
 # ---------------------------------------------------------------------------------------------
 # pure array scaling
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +433,7 @@ def resolve_survey(survey: Optional[str] = None, columns: Optional[Iterable[str]
 
     if survey is None:
         method = None if requested == "unset" else requested
-        parts = [describe_scaling(method).capitalize()]
+        parts = [_sentence(describe_scaling(method))]
         if compat and method is not None:
             parts.append("EdSurvey-compatible: the scaled level-1 weight is used as unconditional (quirk E3)")
         return SurveyPlan(survey=None, weights=user_w, factors=None if user_w is None else tuple((w,) for w in user_w),
