@@ -21,6 +21,7 @@ from .design import Design, build_design
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
 from .families import get_family
 from .fit.gaussian import fit_gaussian
+from .fit.gaussian_many import fit_gaussian_many
 from .formula import parse_formula
 from .results import MixedResults
 
@@ -167,6 +168,29 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
                     response_name=response_name, plan=plan)
 
 
+def _fit_many(prepared: Prepared, ys: list) -> list:
+    """Fit a gaussian model to several responses at once (plausible values): the first as usual,
+    with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`)."""
+    first = _fit_one(prepared, ys[0])
+    stacked = torch.stack(ys, dim=1)
+    o = prepared.options
+    previous = torch.are_deterministic_algorithms_enabled()
+    if o["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
+                                     small_sample=o["small_sample"], progress=False, first=first._out)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    fits = [first]
+    for y, out in zip(ys[1:], outs[1:]):
+        design = replace(prepared.design, tensors=prepared.design.tensors.with_response(y))
+        fits.append(MixedResults(out, design, prepared.family, prepared.call, o))
+    return fits
+
+
 def _fit_one(prepared: Prepared, y: Optional[torch.Tensor] = None, start=None) -> MixedResults:
     """Fit the prepared model once (optionally with another response vector ``y``)."""
     tensors = prepared.design.tensors if y is None else prepared.design.tensors.with_response(y)
@@ -249,5 +273,6 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     if prepared.responses is not None:
         from .plausible import fit_plausible_values
 
-        return fit_plausible_values(prepared, prepared.responses, _fit_one, progress)
+        return fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
+                                    fit_many=_fit_many if prepared.is_gaussian else None)
     return _fit_one(prepared, start=start)

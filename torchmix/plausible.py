@@ -76,7 +76,7 @@ def _quiet(prepared):
 
 
 def fit_plausible_values(prepared, responses: Mapping, fit_one: Callable, progress: bool = True, *,
-                         warm: bool = True) -> "PooledResults":
+                         warm: bool = True, fit_many: Optional[Callable] = None) -> "PooledResults":
     """Fit the prepared model once per plausible value and pool the fits.
 
     Parameters
@@ -86,6 +86,8 @@ def fit_plausible_values(prepared, responses: Mapping, fit_one: Callable, progre
     fit_one : callable ``fit_one(prepared, y, start=None) -> MixedResults``.
     progress : a tqdm bar over the values (the per-fit bars are turned off).
     warm : start value ``m+1`` from the solution of value ``m`` (:func:`warm_start`).
+    fit_many : optional callable ``fit_many(prepared, [y, ...]) -> [MixedResults, ...]`` that fits
+        all values at once (batched over values); it must show the first value's warnings only.
 
     Returns
     -------
@@ -96,6 +98,13 @@ def fit_plausible_values(prepared, responses: Mapping, fit_one: Callable, progre
     if not items:
         raise DataError("plausible_values: at least one column is needed")
     inner = _quiet(prepared)
+    if fit_many is not None and len(items) > 1:
+        with tqdm(total=len(items), desc="plausible values (batched)", unit="value", disable=not progress,
+                  leave=False) as bar:
+            fits = fit_many(inner, [y for _, y in items])
+            bar.update(len(items))
+        return PooledResults(fits, [c for c, _ in items], response=getattr(prepared, "response_name", None),
+                             call=getattr(prepared, "call", None))
     fits, start = [], None
     bar = tqdm(items, desc="plausible values", unit="value", disable=not progress, leave=False)
     for m, (col, y) in enumerate(bar):

@@ -155,7 +155,39 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     if not res.converged:
         warnings.warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning, stacklevel=3)
 
-    thetas = [normalise_theta_signs(t, ts) for t, ts in zip(_split(res.x, sizes), term_sizes)]
+    return _finish(lik, res.x, res, small_sample)
+
+
+def _standard_error_pieces(lik: GaussianLikelihood, beta, thetas, sigma, sizes):
+    r"""Per-top-group scores ``(G_L, n_psi)`` over :math:`\psi = (\beta, \theta, \sigma)` and the
+    Hessian blocks the sandwiches use (7.2, 7.3): :math:`\beta\beta` in closed form
+    (:math:`-K_{\beta\beta}/\sigma^2`) and :math:`(\theta, \sigma)` by ``torch.func`` at fixed
+    :math:`\beta`; the :math:`\beta`-:math:`(\theta,\sigma)` cross block is not used (left 0).
+    Written without data-dependent branches so that it can be ``vmap``-ed over responses.
+    """
+    p = beta.shape[-1]
+    psi = torch.cat([beta] + list(thetas) + [sigma.reshape(1)])
+
+    def ell_k(vec):
+        return lik.loglik_by_group(vec[:p], _split(vec[p:-1], sizes), vec[-1])
+
+    scores = jacfwd(ell_k)(psi)
+    k_bb = lik.k_top(lik.integrate(thetas))[:p, :p]
+    hess_vc = hessian(lambda v: lik.loglik(beta, _split(v[:-1], sizes), v[-1]))(psi[p:])
+    return psi, scores, k_bb, hess_vc
+
+
+def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample: str, pieces=None) -> FitOutput:
+    """Estimates, modes and sandwich covariances at the optimum ``theta_flat``.
+
+    ``pieces`` (from :func:`_standard_error_pieces`, computed in a batch) is used when given and
+    no variance is on the boundary.
+    """
+    tensors = lik.tensors
+    p = tensors.n_fixed
+    term_sizes = [lv.term_sizes for lv in tensors.levels]
+    sizes = [n_theta(ts) for ts in term_sizes]
+    thetas = [normalise_theta_signs(t, ts) for t, ts in zip(_split(theta_flat, sizes), term_sizes)]
     with torch.no_grad():
         ell, beta, sigma2, kt, ps = lik.profile(thetas)
         us = lik.modes(thetas, beta, ps)
@@ -170,20 +202,12 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
         thetas = [torch.where(m, torch.zeros_like(t), t) for t, m in zip(thetas, on_boundary)]
 
     # ---------------------------------------------------------------- standard errors
-    psi = torch.cat([beta] + thetas + [sigma.reshape(1)])
-
-    def ell_k(vec):
-        th = _split(vec[p:-1], sizes)
-        return lik.loglik_by_group(vec[:p], th, vec[-1])
-
-    scores = jacfwd(ell_k)(psi).detach()           # (G_L, n_psi)
-    # Hessian blocks used by the sandwiches (7.2, 7.3): beta-beta in closed form, -K_bb / sigma^2;
-    # (theta, sigma) by torch.func at fixed beta. The beta-(theta, sigma) cross block is not used.
-    with torch.no_grad():
-        k_bb = lik.k_top(lik.integrate(thetas))[:p, :p]
+    if pieces is None or any(bool(m.any()) for m in on_boundary):
+        pieces = _standard_error_pieces(lik, beta, thetas, sigma, sizes)
+    psi, scores, k_bb, hess_vc = (t.detach() for t in pieces)
     hess = torch.zeros(psi.numel(), psi.numel(), dtype=psi.dtype, device=psi.device)
     hess[:p, :p] = -k_bb / sigma2
-    hess[p:, p:] = hessian(lambda v: lik.loglik(beta, _split(v[:-1], sizes), v[-1]))(psi[p:]).detach()
+    hess[p:, p:] = hess_vc
     ib = slice(0, p)
     cov_beta = sandwich(hess[ib, ib], scores[:, ib], small_sample, "fixed effects")
     cov_beta_model = safe_inverse_negative_hessian(hess[ib, ib], "fixed effects")

@@ -21,6 +21,7 @@ Pure tensor math: no pandas, no files.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -106,32 +107,62 @@ class GaussianLikelihood(nn.Module):
     *relative* Cholesky entries: :math:`\Sigma_l = \sigma^2\Lambda_l\Lambda_l^\top`.
     """
 
-    def __init__(self, tensors: ModelTensors):
+    def __init__(self, tensors: ModelTensors, responses: torch.Tensor | None = None):
         super().__init__()
         self.tensors = tensors
         self.term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
         self.q = [lv.q for lv in tensors.levels]
         self.p = tensors.n_fixed
         lv2 = tensors.levels[0]
-        m = torch.cat([lv.Z for lv in tensors.levels] + [tensors.X, tensors.y[:, None]], dim=1)
-        self.register_buffer("cp", weighted_crossproducts(m, tensors.w1_cond, lv2.group, lv2.n_groups),
-                             persistent=False)
+        ys = tensors.y[:, None] if responses is None else responses
+        self.n_responses = int(ys.shape[1])
+        m = torch.cat([lv.Z for lv in tensors.levels] + [tensors.X, ys], dim=1)
+        cp = weighted_crossproducts(m, tensors.w1_cond, lv2.group, lv2.n_groups)
         top = tensors.levels[-1]
-        self.register_buffer("n_w_top", torch.zeros(top.n_groups, dtype=m.dtype, device=m.device)
-                             .index_add(0, tensors.row_top, tensors.w1_uncond), persistent=False)
+        self.n_w_top = torch.zeros(top.n_groups, dtype=m.dtype, device=m.device).index_add(
+            0, tensors.row_top, tensors.w1_uncond)
         self.n_w = float(tensors.w1_uncond.sum())
-        # level-2 blocks (own effects o, rest r) and the part of the next level's matrix that
-        # does not depend on theta: sum over children of w_{g|h} CP_rr
+        # level-2 blocks (own effects o, rest r) for every response, and the part of the next
+        # level's matrix that does not depend on theta: sum over children of w_{g|h} CP_rr
         q = lv2.q
-        self.register_buffer("c_oo", self.cp[:, :q, :q].contiguous(), persistent=False)
-        self.register_buffer("c_or", self.cp[:, :q, q:].contiguous(), persistent=False)
-        self.register_buffer("c_rr", self.cp[:, q:, q:].contiguous(), persistent=False)
+        self.c_oo = cp[:, :q, :q].contiguous()
+        c_or, c_rr = cp[:, :q, q:], cp[:, q:, q:]
         if lv2.parent is None:
-            const = torch.einsum("g,gab->ab", lv2.w_uncond, self.c_rr)
+            const = torch.einsum("g,gab->ab", lv2.w_uncond, c_rr)
         else:
-            const = torch.zeros(tensors.levels[1].n_groups, *self.c_rr.shape[1:], dtype=m.dtype, device=m.device)
-            const = const.index_add(0, lv2.parent, lv2.w_cond[:, None, None] * self.c_rr)
-        self.register_buffer("rr_const", const, persistent=False)
+            const = torch.zeros(tensors.levels[1].n_groups, *c_rr.shape[1:], dtype=m.dtype, device=m.device)
+            const = const.index_add(0, lv2.parent, lv2.w_cond[:, None, None] * c_rr)
+        self._all = (c_or, c_rr, const)
+        self.c_or, self.c_rr, self.rr_const = self.response_blocks([0])
+        self.c_or, self.c_rr, self.rr_const = self.c_or[0], self.c_rr[0], self.rr_const[0]
+
+    def response_blocks(self, ks: Sequence[int]) -> tuple:
+        """The response-dependent blocks ``(c_or, c_rr, rr_const)`` for responses ``ks``, stacked.
+
+        Rest variables of response ``k`` are the shared ones followed by its own ``y`` column.
+        Shapes ``(len(ks), G_2, q, r)``, ``(len(ks), G_2, r, r)`` and ``(len(ks), ...)``.
+        """
+        c_or, c_rr, const = self._all
+        r0 = c_or.shape[-1] - self.n_responses
+        idx = torch.stack([torch.cat([torch.arange(r0), torch.tensor([r0 + k])]) for k in ks]).to(c_or.device)
+        pick_or = c_or[:, :, idx].permute(2, 0, 1, 3)                     # (K, G, q, r)
+        pick_rr = c_rr[:, idx[:, :, None], idx[:, None, :]].permute(1, 0, 2, 3)
+        if const.dim() == 2:
+            pick_const = const[idx[:, :, None], idx[:, None, :]]
+        else:
+            pick_const = const[:, idx[:, :, None], idx[:, None, :]].permute(1, 0, 2, 3)
+        return pick_or.contiguous(), pick_rr.contiguous(), pick_const.contiguous()
+
+    @contextmanager
+    def using(self, c_or: torch.Tensor, c_rr: torch.Tensor, rr_const: torch.Tensor):
+        """Temporarily evaluate with another response's blocks (see :meth:`response_blocks`);
+        the blocks may be batched tensors inside ``torch.func.vmap``."""
+        saved = (self.c_or, self.c_rr, self.rr_const)
+        self.c_or, self.c_rr, self.rr_const = c_or, c_rr, rr_const
+        try:
+            yield self
+        finally:
+            self.c_or, self.c_rr, self.rr_const = saved
 
     def integrate(self, thetas: Sequence[torch.Tensor]) -> _Pass:
         r"""Integrate all random effects out, bottom-up (MATH.md 4.2).
