@@ -22,6 +22,17 @@ def replicate_rows(df, counts):
     return df.loc[df.index.repeat(counts)].reset_index(drop=True)
 
 
+def replicate_subjects(df, counts):
+    """``counts[s]`` copies of each Subject's rows under new ids, with a unit weight column ``one``."""
+    copies = []
+    for s, k in counts.items():
+        for r in range(k):
+            part = df[df["Subject"] == s].copy()
+            part["Subject"] = f"{s}_{r}"
+            copies.append(part)
+    return pd.concat(copies).assign(one=1.0)
+
+
 @pytest.fixture
 def int_weights(sleep_w):
     rng = np.random.default_rng(1)
@@ -67,14 +78,7 @@ def test_v3_level2_replication_two_levels_point_estimates(sleep_w):
     counts = {s: 1 + (int(s) % 3) for s in df["Subject"].unique()}
     df["k2"] = df["Subject"].map(counts).astype(float)
     a = fit(F2, df, ["c1", "k2"], cweights=True)
-    copies = []
-    for s, k in counts.items():
-        for r in range(k):
-            part = df[df["Subject"] == s].copy()
-            part["Subject"] = f"{s}_{r}"
-            copies.append(part)
-    rep = pd.concat(copies)
-    rep["one"] = 1.0
+    rep = replicate_subjects(df, counts)
     b = fit(F2, rep, ["c1", "one"], cweights=True)
     np.testing.assert_allclose(a.lnl, b.lnl, rtol=1e-8)
     np.testing.assert_allclose(a.coef, b.coef, rtol=1e-6)
@@ -86,14 +90,7 @@ def test_v3_level2_replication_three_levels_everything(sleep3):
     counts = {s: 1 + (int(s) % 3) for s in df["Subject"].unique()}
     df["k2"] = df["Subject"].map(counts).astype(float)
     a = fit(F3, df, ["c1", "k2", "c3"], cweights=True)
-    copies = []
-    for s, k in counts.items():
-        for r in range(k):
-            part = df[df["Subject"] == s].copy()
-            part["Subject"] = f"{s}_{r}"
-            copies.append(part)
-    rep = pd.concat(copies)
-    rep["one"] = 1.0
+    rep = replicate_subjects(df, counts)
     b = fit(F3, rep, ["c1", "one", "c3"], cweights=True)
     assert_same_fit(a, b, ranef=False)
     np.testing.assert_allclose(a.ranef["Group"].to_numpy(), b.ranef["Group"].to_numpy(), rtol=1e-5)
