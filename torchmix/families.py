@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, DataWarning
-from .links import (_ETA_CLAMP, CloglogLink, IdentityLink, Link, LogitLink, LogLink, ProbitLink,
+from .links import (_ETA_CLAMP, register_in, CloglogLink, IdentityLink, Link, LogitLink, LogLink, ProbitLink,
                     _elementwise_derivative, get_link, list_links, register_link)
 
 __all__ = [
@@ -61,16 +61,8 @@ _FAMILIES: dict[str, type] = {}
 # ---------------------------------------------------------------------------------------------
 
 def register_family(cls=None, *, name: Optional[str] = None):
-    """Register a :class:`Family` subclass under ``name`` (default ``cls.name``)."""
-
-    def deco(c):
-        key = (name or getattr(c, "name", "") or "").lower()
-        if not key:
-            raise ConfigError(f"family class {c.__name__} has no name to register")
-        _FAMILIES[key] = c
-        return c
-
-    return deco(cls) if cls is not None else deco
+    """Register a :class:`Family` subclass under ``name`` (default ``cls.name``); usable as a decorator."""
+    return register_in(_FAMILIES, "family", cls, name)
 
 
 class Family:

@@ -73,17 +73,23 @@ def _elementwise_derivative(fn: Callable[[torch.Tensor], torch.Tensor], eta: tor
 # links
 # ---------------------------------------------------------------------------------------------
 
-def register_link(cls=None, *, name: Optional[str] = None):
-    """Register a :class:`Link` subclass under ``name`` (default ``cls.name``); usable as a decorator."""
+def register_in(table: dict, kind: str, cls=None, name: Optional[str] = None):
+    """Register class ``cls`` in ``table`` under ``name`` (default ``cls.name``, lower-cased);
+    without ``cls``, return a decorator. Shared by the link and family registries."""
 
     def deco(c):
         key = (name or getattr(c, "name", "") or "").lower()
         if not key:
-            raise ConfigError(f"link class {c.__name__} has no name to register")
-        _LINKS[key] = c
+            raise ConfigError(f"{kind} class {c.__name__} has no name to register")
+        table[key] = c
         return c
 
     return deco(cls) if cls is not None else deco
+
+
+def register_link(cls=None, *, name: Optional[str] = None):
+    """Register a :class:`Link` subclass under ``name`` (default ``cls.name``); usable as a decorator."""
+    return register_in(_LINKS, "link", cls, name)
 
 
 class Link:
