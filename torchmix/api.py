@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -22,8 +23,11 @@ from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
 from .families import get_family
 from .fit.gaussian import fit_gaussian
 from .fit.gaussian_many import fit_gaussian_many
+from .fit.glmm import fit_glmm
 from .formula import parse_formula
+from .plausible import fit_plausible_values
 from .results import MixedResults
+from .surveys import resolve_survey
 
 __all__ = ["mix", "Prepared"]
 
@@ -142,8 +146,6 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
             raise DataError(f"plausible value column(s) not found in data: {', '.join(map(repr, missing))}")
         parsed = replace(parsed, response=pv_cols[0])
 
-    from .surveys import resolve_survey
-
     plan = resolve_survey(survey, list(data.columns), weights=weights, cweights=cweights, scaling=scaling,
                           edsurvey_compat=edsurvey_compat)
     data_w = plan.materialise(data)
@@ -168,22 +170,28 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
                     response_name=response_name, plan=plan)
 
 
+@contextmanager
+def _deterministic(on: bool):
+    """Switch torch's deterministic algorithms on for the block (CUDA ``index_add``), then restore."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def _fit_many(prepared: Prepared, ys: list) -> list:
     """Fit a gaussian model to several responses at once (plausible values): the first as usual,
     with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`)."""
     first = _fit_one(prepared, ys[0])
     stacked = torch.stack(ys, dim=1)
     o = prepared.options
-    previous = torch.are_deterministic_algorithms_enabled()
-    if o["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
-                                     small_sample=o["small_sample"], progress=False, first=first._out)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with _deterministic(o["deterministic"]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
+                                 small_sample=o["small_sample"], progress=False, first=first._out)
     fits = [first]
     for y, out in zip(ys[1:], outs[1:]):
         design = replace(prepared.design, tensors=prepared.design.tensors.with_response(y))
@@ -195,20 +203,13 @@ def _fit_one(prepared: Prepared, y: Optional[torch.Tensor] = None, start=None) -
     """Fit the prepared model once (optionally with another response vector ``y``)."""
     tensors = prepared.design.tensors if y is None else prepared.design.tensors.with_response(y)
     o = prepared.options
-    previous = torch.are_deterministic_algorithms_enabled()
-    if o["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    try:
+    with _deterministic(o["deterministic"]):
         if prepared.is_gaussian:
             out = fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"],
                                small_sample=o["small_sample"], progress=o["progress"])
         else:
-            from .fit.glmm import fit_glmm
-
             out = fit_glmm(tensors, prepared.family, n_quad=o["n_quad"], start=start, max_iter=o["max_iter"],
                            tol=o["tol"], small_sample=o["small_sample"], progress=o["progress"])
-    finally:
-        torch.use_deterministic_algorithms(previous)
     design = prepared.design
     if y is not None:
         design = replace(design, tensors=tensors)
@@ -271,8 +272,6 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
                         deterministic=deterministic, call=_call_text(formula, data, weights, kwargs))
     if prepared.responses is not None:
-        from .plausible import fit_plausible_values
-
         return fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
                                     fit_many=_fit_many if prepared.is_gaussian else None)
     return _fit_one(prepared, start=start)
