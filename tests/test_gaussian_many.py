@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import torchmix as tm
 from torchmix.api import _fit_one, _prepare

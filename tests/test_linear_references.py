@@ -6,7 +6,6 @@ Sources: MATH.md section 12 (a)-(d) (WeMix 4.0.3; (d) also Stata ``mixed`` to 1e
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import torchmix as tm
 

@@ -4,11 +4,9 @@ Model: ``PV?MATH ~ ST04Q01 + MATHEFF + (1 | SCHOOLID)`` (2,790 students, 177 sch
 dropping rows with a missing ``MATHEFF``).
 """
 
-import math
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import torchmix

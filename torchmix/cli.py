@@ -140,7 +140,7 @@ def _converged(res) -> bool:
     return all(bool(c) for c in conv)
 
 
-def ranef_long(ranef) -> "pandas.DataFrame":
+def ranef_long(ranef):
     """Random effects as a long table with columns ``level, group, effect, value``.
 
     Parameters

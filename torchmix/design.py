@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from .errors import DataError, DataWarning, FormulaError, WeightError
-from .formula import ParsedFormula, RandomTerm
+from .formula import ParsedFormula
 from .tensors import LevelTensors, ModelTensors
 from .weights import group_constant, to_conditional, to_unconditional, weight_columns, weight_stats
 

@@ -201,7 +201,7 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
                           "and poisson families (and user families without dispersion)")
     if tensors.n_levels not in (2, 3):
         raise ConfigError(f"non-gaussian families support 2 or 3 levels; the model has {tensors.n_levels}")
-    X, dt, dev = tensors.X, tensors.X.dtype, tensors.X.device
+    dt, dev = tensors.X.dtype, tensors.X.device
     p = tensors.n_fixed
     term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
     top = tensors.levels[-1]

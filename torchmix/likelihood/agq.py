@@ -213,7 +213,6 @@ class AGQLogLik(nn.Module):
         with torch.enable_grad():
             ell = self(eta0, zls, kappa)
             grads = torch.autograd.grad(ell.sum(), [eta0] + zls)
-        n_top = self.n_top
         top = self._grouping("top")
         s_beta = top.sum(self.X * grads[0][:, None])
         zs = [self.Z2] + ([self.Z3] if self.n_levels == 3 else [])
