@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad_and_value, vmap
 
-from ..covariance import n_theta
+from ..covariance import n_theta, normalise_theta_signs
 from ..likelihood.gaussian import GaussianLikelihood
 from ..tensors import FitOutput, ModelTensors
 from .gaussian import BOUNDARY_TOL, _finish, _split, _standard_error_pieces, fit_gaussian
@@ -42,16 +42,19 @@ def fit_gaussian_many(tensors: ModelTensors, responses: torch.Tensor, *, max_ite
     list of K :class:`~torchmix.tensors.FitOutput`, in column order.
     """
     k_all = responses.shape[1]
+
+    def fit_alone(k, show_progress=False):
+        return fit_gaussian(tensors.with_response(responses[:, k]), max_iter=max_iter, tol=tol,
+                            small_sample=small_sample, progress=show_progress)
+
     if first is None:
-        first = fit_gaussian(tensors.with_response(responses[:, 0]), max_iter=max_iter, tol=tol,
-                             small_sample=small_sample, progress=progress)
+        first = fit_alone(0, progress)
     if k_all == 1:
         return [first]
     sizes = [n_theta(lv.term_sizes) for lv in tensors.levels]
     theta0 = torch.cat(first.theta)
     if bool((theta0.abs() < BOUNDARY_TOL).any()):  # a boundary start can stay stuck: fit one by one
-        return [first] + [fit_gaussian(tensors.with_response(responses[:, k]), max_iter=max_iter, tol=tol,
-                                       small_sample=small_sample, progress=False) for k in range(1, k_all)]
+        return [first] + [fit_alone(k) for k in range(1, k_all)]
     lik = GaussianLikelihood(tensors, responses)
     blocks = lik.response_blocks(range(1, k_all))
     n_w = lik.n_w
@@ -120,7 +123,6 @@ def fit_gaussian_many(tensors: ModelTensors, responses: torch.Tensor, *, max_ite
             with lik.using(c_or, c_rr, rr_const):
                 return _standard_error_pieces(lik, beta, _split(theta_flat, sizes), sigma2.sqrt(), sizes)
 
-        from ..covariance import normalise_theta_signs
         signed = torch.stack([torch.cat([normalise_theta_signs(t, lv.term_sizes) for t, lv in
                                          zip(_split(row, sizes), tensors.levels)]) for row in theta])
         beta, sigma2 = vmap(profiled)(signed, *blocks)
@@ -129,8 +131,7 @@ def fit_gaussian_many(tensors: ModelTensors, responses: torch.Tensor, *, max_ite
     for j in range(k_all - 1):
         k = j + 1
         if not bool(ok[j]):
-            out.append(fit_gaussian(tensors.with_response(responses[:, k]), max_iter=max_iter, tol=tol,
-                                    small_sample=small_sample, progress=False))
+            out.append(fit_alone(k))
             continue
         res = MinimizeResult(x=theta[j], fun=float(val[j]), grad_max=float(grad_max[j]), converged=True,
                              iterations=int(steps[j]), message="converged")

@@ -133,8 +133,7 @@ class GaussianLikelihood(nn.Module):
             const = torch.zeros(tensors.levels[1].n_groups, *c_rr.shape[1:], dtype=m.dtype, device=m.device)
             const = const.index_add(0, lv2.parent, lv2.w_cond[:, None, None] * c_rr)
         self._all = (c_or, c_rr, const)
-        self.c_or, self.c_rr, self.rr_const = self.response_blocks([0])
-        self.c_or, self.c_rr, self.rr_const = self.c_or[0], self.c_rr[0], self.rr_const[0]
+        self.c_or, self.c_rr, self.rr_const = (t[0] for t in self.response_blocks([0]))
 
     def response_blocks(self, ks: Sequence[int]) -> tuple:
         """The response-dependent blocks ``(c_or, c_rr, rr_const)`` for responses ``ks``, stacked.
