@@ -1,0 +1,74 @@
+"""Run configurations: one TOML file describes exactly one :func:`torchmix.mix` call.
+
+Schema
+------
+Every key below is optional unless marked *required*; an absent key takes the default of
+:func:`torchmix.mix` (TOML has no null: leave a key out to get ``None``). Keys under
+``[model]`` and ``[fit]`` are spelled exactly like the keyword arguments of ``mix()``.
+Relative paths written in the file are relative to the folder that holds the file.
+
+.. code-block:: toml
+
+    [data]                       # exactly one of `path` and `dataset`
+    path    = "data/sim3.csv"    # CSV (.csv, .csv.gz, ...) or Parquet (.parquet, .pq; needs pyarrow)
+    dataset = "sleepstudy"       # a dataset shipped with torchmix (`torchmix datasets` lists them)
+
+    [model]
+    formula          = "y ~ x + (1 + x | g)"   # required, lme4 syntax
+    weights          = ["w1", "w2"]            # one column per level, level 1 first; a single
+                                               #   string is one column; absent: unweighted
+    cweights         = false                   # true: the weights are conditional
+    family           = "gaussian"              # "binomial", "poisson", or any registered name
+    link             = "logit"                 # absent: the family's default link
+    n_quad           = 13                      # Gauss-Hermite points per random effect (>= 1)
+    center_group     = { g = ["x"] }           # weighted group-mean centering per grouping factor
+    center_grand     = ["x"]                   # weighted grand-mean centering
+    scaling          = "A"                     # "A", "B" or "timss"; absent: no scaling
+    survey           = "PISA"                  # survey preset (weight columns and scaling)
+    edsurvey_compat  = false                   # reproduce EdSurvey's own behaviour
+    plausible_values = { math = ["PV1MATH", "PV2MATH", "PV3MATH"] }
+
+    [fit]
+    max_iter     = 200
+    tol          = 1e-8
+    small_sample = "G/(G-1)"                   # or "none"
+    device       = "cpu"                       # "cuda", "cuda:1", ...
+    dtype        = "float64"                   # or "float32"
+    progress     = true                        # progress bars on stderr
+    deterministic = false                      # true: bitwise reproducible on CUDA (slower)
+    start        = [250.0, 10.0, 600.0, 30.0]  # optional starting values (beta, then tau)
+
+    [output]
+    folder  = "results/sleepstudy"             # absent: results/<config name> in the working folder
+    formats = ["csv"]                          # table formats: "csv", "json", "parquet" (pyarrow)
+
+An unknown section or key, a value of the wrong type or a missing required key raises a
+:class:`~torchmix.errors.ConfigError` that names the file, the section and the key, and suggests
+the closest valid key. :func:`load_config` parses a file into frozen dataclasses;
+:func:`run_config` makes the single ``torchmix.mix`` call.
+
+Modules: :mod:`.schema` (the dataclasses and :data:`SCHEMA`), :mod:`.checks` (the value checkers),
+:mod:`.validate` (reading TOML, parsing and the error messages), :mod:`.run` (data, device and
+output checks and the ``mix()`` call).
+"""
+
+from .run import check_device, check_output, check_run, load_data, run_config
+from .schema import SCHEMA, TABLE_FORMATS, DataConfig, FitConfig, ModelConfig, OutputConfig, RunConfig
+from .validate import load_config, parse_config
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "FitConfig",
+    "OutputConfig",
+    "RunConfig",
+    "SCHEMA",
+    "TABLE_FORMATS",
+    "load_config",
+    "parse_config",
+    "load_data",
+    "check_device",
+    "check_run",
+    "check_output",
+    "run_config",
+]
