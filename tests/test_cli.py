@@ -101,11 +101,11 @@ def test_fit_writes_every_output(tmp_path, fake_mix, capsys):
     assert (out / "summary.txt").read_text() == "FAKE SUMMARY\nsecond line\n"
     est = pd.read_csv(out / "estimates.csv")
     pd.testing.assert_frame_equal(est, FakeFit().to_frame())
-    re = pd.read_csv(out / "random_effects.csv", dtype={"group": str})
-    assert list(re.columns) == ["level", "group", "effect", "value"]
+    re = pd.read_csv(out / "random_effects.csv", dtype={"id": str})
+    assert list(re.columns) == ["level", "group", "id", "effect", "value"]
     assert len(re) == 4
-    row = re[(re.group == "309") & (re.effect == "Days")]
-    assert row.value.tolist() == [-0.25] and row.level.tolist() == ["Subject"]
+    row = re[(re.id == "309") & (re.effect == "Days")]
+    assert row.value.tolist() == [-0.25] and row.level.tolist() == [2] and row.group.tolist() == ["Subject"]
 
     run = json.loads((out / "run.json").read_text())
     assert run["converged"] is True and run["lnl"] == -12.5
@@ -147,7 +147,7 @@ def test_pooled_random_effects_per_plausible_value(tmp_path, fake_mix, capsys):
     out = tmp_path / "o"
     assert cli.main(["fit", str(write(tmp_path, SLEEP)), "--out", str(out), "--quiet"]) == 0
     re = pd.read_csv(out / "random_effects.csv")
-    assert list(re.columns) == ["plausible_value", "level", "group", "effect", "value"]
+    assert list(re.columns) == ["plausible_value", "level", "group", "id", "effect", "value"]
     assert sorted(re.plausible_value.unique()) == [1, 2] and len(re) == 8
     assert json.loads((out / "run.json").read_text())["converged"] is True
 
@@ -218,9 +218,9 @@ def test_validate_command(tmp_path, fake_mix, capsys):
 
 def test_ranef_long_layout():
     table = cli.ranef_long({"school:class": pd.DataFrame({"(Intercept)": [0.1, 0.2]}, index=["a:1", "a:2"])})
-    assert table.to_dict("list") == {"level": ["school:class"] * 2, "group": ["a:1", "a:2"],
+    assert table.to_dict("list") == {"level": [2] * 2, "group": ["school:class"] * 2, "id": ["a:1", "a:2"],
                                      "effect": ["(Intercept)"] * 2, "value": [0.1, 0.2]}
-    assert list(cli.ranef_long({}).columns) == ["level", "group", "effect", "value"]
+    assert list(cli.ranef_long({}).columns) == ["level", "group", "id", "effect", "value"]
 
 
 # ----------------------------------------------------------------------------- malformed configs
@@ -296,7 +296,7 @@ def test_example_config_through_the_command(config, runs):
     assert run["converged"] is True
     estimates = pd.read_csv(out / "estimates.csv")
     ranef = pd.read_csv(out / "random_effects.csv")
-    assert {"level", "group", "effect", "value"} <= set(ranef.columns) and len(ranef) > 0
+    assert {"level", "group", "id", "effect", "value"} <= set(ranef.columns) and len(ranef) > 0
     summary = (out / "summary.txt").read_text()
 
     # the same fit through the Python API gives the printed estimates

@@ -150,9 +150,14 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
                           edsurvey_compat=edsurvey_compat)
     data_w = plan.materialise(data)
     scaler = plan.scaler()
-    design = build_design(parsed, data_w, list(plan.weights) if plan.weights else None, cweights=plan.cweights,
+    # the design is built on positional row labels (the caller's may repeat); its row_index is
+    # then mapped back to the caller's labels, and extra columns are taken by position
+    positional = data_w.set_axis(pd.RangeIndex(len(data_w)), axis=0)
+    design = build_design(parsed, positional, list(plan.weights) if plan.weights else None, cweights=plan.cweights,
                           center_group=center_group, center_grand=center_grand,
                           extra_columns=list(pv_cols or []), scaler=scaler, dtype=dt, device=dev)
+    rows = design.row_index.to_numpy()
+    design.row_index = data.index[rows]
     if plan.scaling is None and (survey is not None or edsurvey_compat) and plan.note:
         design.notes.append(plan.note)
     y = _validate_response(fam, design.y_raw, parsed.response, gaussian)
@@ -161,7 +166,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
     if pv_cols is not None:
         responses = {}
         for col in pv_cols:
-            raw = data.loc[design.row_index, col].to_numpy()
+            raw = positional[col].to_numpy()[rows]
             responses[col] = torch.as_tensor(_validate_response(fam, raw, col, gaussian), dtype=dt, device=dev)
     options = dict(n_quad=n_quad, max_iter=int(max_iter), tol=float(tol), small_sample=small_sample,
                    device=str(dev), dtype=str(dt).replace("torch.", ""), progress=bool(progress),

@@ -5,17 +5,24 @@ Subcommands
 ``torchmix fit CONFIG [--device DEV] [--out DIR] [--quiet]``
     Fit the model (one :func:`torchmix.mix` call), print its summary on stdout and write, in the
     output folder, ``summary.txt``, ``estimates.csv`` (``to_frame()``), ``random_effects.csv``
-    (level, group, effect, value) and ``run.json`` (resolved config with defaults, package
-    versions, device, timings, convergence status, warnings).
+    (level, group, id, effect, value) and ``run.json`` (resolved config with defaults, package
+    versions, device, timings, convergence status, warnings). The files are written all or
+    nothing (:mod:`torchmix.outputs`): the folder is replaced only once every file is written, and
+    an existing folder holding other files is refused before fitting.
 ``torchmix validate CONFIG``
     Check the config, load the data and check the columns and weights it names, without fitting.
 ``torchmix datasets``
     List the datasets shipped with torchmix.
+``torchmix --version``
+    Print the package version.
 
-Exit status: 0 on success; 2 on bad input (a missing file, an invalid config, unusable data:
-any :class:`~torchmix.errors.TorchmixError` except :class:`~torchmix.errors.NumericalError`), with
-a one-line message on stderr and no traceback; 1 on a numerical failure. Progress bars and
-warnings go to stderr.
+Exit status: 0 on success, also when the optimiser did not converge (a warning says so and
+``run.json`` records ``converged: false``); 2 on bad input (a missing file, an invalid config,
+unusable data, an unusable output folder: any :class:`~torchmix.errors.TorchmixError` except
+:class:`~torchmix.errors.NumericalError`); 1 on a numerical failure
+(:class:`~torchmix.errors.NumericalError`) or an unexpected internal error; 130 on SIGINT (Ctrl-C)
+and 143 on SIGTERM, which leave the output folder as it was. Errors are one line on stderr, without
+a traceback unless ``--debug`` is given. Progress bars and warnings go to stderr.
 """
 
 from __future__ import annotations
@@ -26,16 +33,19 @@ import math
 import platform
 import sys
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import NumericalError, TorchmixError
+from .interrupts import Interrupted, Interrupts
+from .outputs import check_output_folder, publish_folder, ranef_long, write_outputs
 
 __all__ = ["main", "build_parser", "write_outputs", "ranef_long"]
 
-EXIT_OK, EXIT_NUMERICAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_NUMERICAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _PROG = "torchmix"
 _VERSIONED = ("torchmix", "torch", "numpy", "pandas", "formulaic", "tqdm")
 
@@ -49,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Survey-weighted multilevel models in PyTorch: fit a model from a TOML config.",
     )
+    parser.add_argument("--version", action="version", version=f"{_PROG} {_package_version()}")
+    debug_help = "on an error, print the full traceback as well as the message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)  # --debug is also accepted after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    fit = sub.add_parser("fit", help="fit the model a config describes and write its results",
+    fit = sub.add_parser("fit", parents=[common], help="fit the model a config describes and write its results",
                          description="Fit the model a TOML config describes (one torchmix.mix call), "
                                      "print its summary and write summary.txt, estimates.csv, "
                                      "random_effects.csv and run.json.")
@@ -61,18 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quiet", action="store_true",
                      help="print no summary and no progress bars (errors and warnings still go to stderr)")
 
-    val = sub.add_parser("validate", help="check a config and its data without fitting",
+    val = sub.add_parser("validate", parents=[common], help="check a config and its data without fitting",
                          description="Check a TOML config, load its data and check the columns and "
                                      "weights it names, without fitting.")
     val.add_argument("config", metavar="CONFIG", help="TOML run configuration")
     val.add_argument("--device", help="check this device instead of [fit] device")
 
-    sub.add_parser("datasets", help="list the datasets shipped with torchmix",
+    sub.add_parser("datasets", parents=[common], help="list the datasets shipped with torchmix",
                    description="List the datasets shipped with torchmix (usable as [data] dataset).")
     return parser
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _err(message: str) -> None:
@@ -140,91 +161,6 @@ def _converged(res) -> bool:
     return all(bool(c) for c in conv)
 
 
-def ranef_long(ranef):
-    """Random effects as a long table with columns ``level, group, effect, value``.
-
-    Parameters
-    ----------
-    ranef : dict
-        Level name -> DataFrame (rows: group ids, columns: effect names), as ``MixedResults.ranef``.
-    """
-    import pandas as pd
-
-    frames = []
-    for level, table in (ranef or {}).items():
-        table = pd.DataFrame(table)
-        groups = table.index
-        if isinstance(groups, pd.MultiIndex):
-            groups = [":".join(map(str, g)) for g in groups]
-        groups = pd.Index(groups).astype(str)
-        for effect in table.columns:
-            frames.append(pd.DataFrame({
-                "level": str(level), "group": groups, "effect": str(effect),
-                "value": table[effect].to_numpy(dtype=float),
-            }))
-    if not frames:
-        return pd.DataFrame({"level": [], "group": [], "effect": [], "value": []})
-    return pd.concat(frames, ignore_index=True)
-
-
-def _random_effects_table(res):
-    """Long random-effects table of a single fit, or of every fit of a pooled one."""
-    import pandas as pd
-
-    ranef = getattr(res, "ranef", None)
-    if ranef:
-        return ranef_long(ranef)
-    fits = getattr(res, "fits", None)
-    if fits:
-        parts = []
-        for k, f in enumerate(fits, start=1):
-            t = ranef_long(getattr(f, "ranef", None))
-            t.insert(0, "plausible_value", k)
-            parts.append(t)
-        return pd.concat(parts, ignore_index=True)
-    return ranef_long(None)
-
-
-def _write_table(table, folder: Path, stem: str, formats) -> list:
-    import pandas as pd
-
-    written = []
-    keep_index = not (table.index.name is None and table.index.equals(pd.RangeIndex(len(table))))
-    for fmt in formats:
-        path = folder / f"{stem}.{fmt}"
-        if fmt == "csv":
-            table.to_csv(path, index=keep_index)
-        elif fmt == "json":
-            (table.reset_index() if keep_index else table).to_json(path, orient="records", indent=1)
-        elif fmt == "parquet":
-            (table.reset_index() if keep_index else table).to_parquet(path, index=False)
-        written.append(path.name)
-    return written
-
-
-def write_outputs(res, folder: Path, formats=("csv",)) -> list:
-    """Write ``summary.txt``, ``estimates.<fmt>`` and ``random_effects.<fmt>`` for each table format.
-
-    Parameters
-    ----------
-    res : MixedResults or PooledResults
-    folder : Path
-        Created if absent.
-    formats : sequence of {"csv", "json", "parquet"}
-
-    Returns
-    -------
-    list of str
-        Names of the files written.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.txt").write_text(str(res.summary()).rstrip("\n") + "\n", encoding="utf-8")
-    written = ["summary.txt"]
-    written += _write_table(res.to_frame(), folder, "estimates", formats)
-    written += _write_table(_random_effects_table(res), folder, "random_effects", formats)
-    return written
-
-
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -246,11 +182,21 @@ def _cmd_validate(args) -> int:
         cfg = cfg.with_overrides(device=args.device)
     check_device(cfg.fit.device)
     check_output(cfg)
+    check_output_folder(cfg.output_folder(), _folder_origin(cfg, None))
     data = load_data(cfg)
     with _warnings_to_stderr([]):
         report = check_run(cfg, data)
     print(f"{args.config}: OK ({report})")
     return EXIT_OK
+
+
+def _folder_origin(cfg, out) -> str:
+    """How the output folder was chosen, for error messages."""
+    if out is not None:
+        return "--out"
+    if cfg.output.folder is not None:
+        return "[output] folder" + (f" in {cfg.source}" if cfg.source is not None else "")
+    return "output folder"
 
 
 def _cmd_fit(args) -> int:
@@ -261,7 +207,7 @@ def _cmd_fit(args) -> int:
     cfg = cfg.with_overrides(device=args.device, folder=args.out, progress=False if args.quiet else None)
     check_device(cfg.fit.device)
     check_output(cfg)
-    folder = cfg.output_folder()
+    folder = check_output_folder(cfg.output_folder(), _folder_origin(cfg, args.out))
     t1 = time.perf_counter()
     data = load_data(cfg)
     t2 = time.perf_counter()
@@ -282,11 +228,15 @@ def _cmd_fit(args) -> int:
         "command": [_PROG, *args.argv],
         "timings_s": {"config": t1 - t0, "load_data": t2 - t1, "fit": t3 - t2},
     }
-    written = write_outputs(res, folder, cfg.output.formats)
-    t4 = time.perf_counter()
-    run_info["timings_s"].update({"write": t4 - t3, "total": t4 - t0})
-    run_info["files"] = written + ["run.json"]
-    (folder / "run.json").write_text(json.dumps(_jsonable(run_info), indent=2) + "\n", encoding="utf-8")
+
+    def fill(tmp: Path) -> None:  # run.json last: it vouches for the files beside it
+        written = write_outputs(res, tmp, cfg.output.formats)
+        t4 = time.perf_counter()
+        run_info["timings_s"].update({"write": t4 - t3, "total": t4 - t0})
+        run_info["files"] = written + ["run.json"]
+        (tmp / "run.json").write_text(json.dumps(_jsonable(run_info), indent=2) + "\n", encoding="utf-8")
+
+    publish_folder(folder, fill, guard=args.interrupts.held)
     if not args.quiet:
         print(str(res.summary()).rstrip("\n"))
         print(f"{_PROG}: results written to {folder}", file=sys.stderr)
@@ -299,29 +249,49 @@ _COMMANDS = {"fit": _cmd_fit, "validate": _cmd_validate, "datasets": _cmd_datase
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``torchmix`` command; returns the exit status.
 
-    0: success; 2: bad input (message on stderr, no traceback); 1: numerical failure.
+    0: success; 2: bad input; 1: numerical failure or unexpected error; 130 / 143: interrupted by
+    SIGINT / SIGTERM. The message is one line on stderr; ``--debug`` adds the traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0)
+    except SystemExit as exc:  # argparse: --help or --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_BAD_INPUT)
     args.argv = argv
-    try:
-        return _COMMANDS[args.command](args)
-    except NumericalError as exc:
+    debug = bool(getattr(args, "debug", False))
+    with Interrupts() as interrupts:
+        args.interrupts = interrupts
+        try:
+            return _COMMANDS[args.command](args)
+        except BaseException as exc:  # noqa: B036 - every way out gets a status and one line
+            return _failure(exc, debug)
+
+
+def _failure(exc: BaseException, debug: bool) -> int:
+    """Report ``exc`` on stderr (with its traceback under ``--debug``) and return the exit status."""
+    if isinstance(exc, (SystemExit, GeneratorExit)):
+        raise exc
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if isinstance(exc, Interrupted):
+        _err("terminated" if exc.exit_status != EXIT_INTERRUPTED else "interrupted")
+        return exc.exit_status
+    if isinstance(exc, KeyboardInterrupt):
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    if isinstance(exc, NumericalError):
         _err(f"numerical failure: {exc}")
         return EXIT_NUMERICAL
-    except TorchmixError as exc:
+    if isinstance(exc, TorchmixError):
         _err(str(exc))
         return EXIT_BAD_INPUT
-    except OSError as exc:  # a missing or unreadable config or data file, an unusable output folder
+    if isinstance(exc, OSError):  # a missing or unreadable config or data file, an unusable output folder
         _err(str(exc) if not getattr(exc, "filename", None) else f"{exc.strerror}: {exc.filename}")
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    _err(f"unexpected error ({type(exc).__name__}: {exc})"
+         + ("" if debug else "; run again with --debug to see where it happened"))
+    return EXIT_NUMERICAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,8 +25,17 @@ def _typename(value) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def _short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (a value may be huge or deeply nested)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad(where: str, expected: str, value) -> ConfigError:
-    return ConfigError(f"{where} must be {expected}, got {_typename(value)} ({value!r})")
+    return ConfigError(f"{where} must be {expected}, got {_typename(value)} ({_short_repr(value)})")
 
 
 def _str(value, where):

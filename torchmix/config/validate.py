@@ -140,7 +140,8 @@ def load_config(path: Union[str, Path]) -> RunConfig:
     FileNotFoundError
         If ``path`` does not exist.
     ConfigError
-        If the file is not valid TOML or not a valid configuration (see :func:`parse_config`).
+        If the file is not UTF-8 text, not valid TOML (nesting too deep to parse included) or not a
+        valid configuration (see :func:`parse_config`).
     """
     path = Path(path)
     if _toml is None:  # pragma: no cover - Python 3.10 without tomli
@@ -152,9 +153,23 @@ def load_config(path: Union[str, Path]) -> RunConfig:
         if path.exists():
             raise ConfigError(f"config {path} is not a file")
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, "rb") as fh:
-        try:
-            raw = _toml.load(fh)
-        except _toml.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    raw = _read_toml(path)
     return parse_config(raw, source=path)
+
+
+def _read_toml(path: Path) -> dict:
+    """Decode (UTF-8, as TOML requires) and parse a TOML file; every failure is a ConfigError."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path} is not UTF-8 text, which TOML requires: byte 0x{data[exc.start]:02x} on "
+                          f"line {line} is not valid UTF-8 (save the file with UTF-8 encoding)") from None
+    try:
+        return _toml.loads(text)
+    except _toml.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses once per nested array or inline table
+        raise ConfigError(f"{path}: arrays or tables are nested too deeply to read (a run configuration "
+                          "nests them at most two deep)") from None
