@@ -226,13 +226,15 @@ def publish_folder(target: Path, fill: Callable[[Path], object],
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    guard = guard or contextlib.nullcontext
     tmp = _new_sibling(target, "partial")
     tmp.mkdir()
     try:
         result = fill(tmp)
-        with (guard or contextlib.nullcontext)():
+        with guard():
             _swap_in(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with guard():  # a second interrupt does not cut the clean-up short
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
