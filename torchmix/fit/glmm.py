@@ -22,7 +22,6 @@ Convergence: ``max_r |d(l / sum w_top) / d psi_r| < tol`` after the polish; othe
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.agq import AGQLogLik
 from ..quadrature import check_n_quad
 from ..tensors import FitOutput, ModelTensors
+from ..warn import warn
 from .glm_start import parse_start, weighted_glm
 from .glmm_se import boundary_pattern, fd_hessian, tau_jacobian, tau_of_theta
 
@@ -314,14 +314,14 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
 
     boundary = [int(i) for i in torch.nonzero(zero_tau).flatten().tolist()]
     if boundary or singular:
-        warnings.warn("a random-effect covariance matrix is on the boundary of the parameter space (a variance "
-                      "or a diagonal Cholesky entry below 1e-6); variances reported as 0 have no standard error",
-                      BoundaryWarning, stacklevel=3)
+        warn("a random-effect covariance matrix is on the boundary of the parameter space (a variance "
+             "or a diagonal Cholesky entry below 1e-6); variances reported as 0 have no standard error",
+             BoundaryWarning)
     if converged:
         message = f"converged (max |gradient| {grad_max:.3g} < {tol:.3g})"
     else:
         message = f"gradient test failed: max |gradient| {grad_max:.3g} >= {tol:.3g} (normalised log-likelihood)"
-        warnings.warn(f"the GLMM fit did not converge: {message}", ConvergenceWarning, stacklevel=3)
+        warn(f"the GLMM fit did not converge: {message}", ConvergenceWarning)
     return FitOutput(
         beta=psi[:p].clone(), cov_beta=v_beta, cov_beta_model=model_inv[:m_beta, :m_beta], theta=thetas,
         sigma=None, tau=tau, tau_cov=tau_cov, lnl=lnl, u=u, b=b, converged=converged, iterations=iterations,
