@@ -184,10 +184,13 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def _fit_many(prepared: Prepared, ys: list) -> list:
+def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
     """Fit a gaussian model to several responses at once (plausible values): the first as usual,
-    with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`)."""
+    with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`).
+    ``advance(n)`` (a progress bar's ``update``) is called as values are done."""
     first = _fit_one(prepared, ys[0])
+    if advance is not None:
+        advance(1)
     stacked = torch.stack(ys, dim=1)
     o = prepared.options
     with _deterministic(o["deterministic"]), warnings.catch_warnings():

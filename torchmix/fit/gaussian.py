@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 from torch.func import hessian, jacfwd
-from tqdm.auto import tqdm
 
 from ..covariance import (diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
                           normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau)
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.gaussian import GaussianLikelihood
+from ..progress import progress_bar
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .optimize import minimize
@@ -148,7 +148,7 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
         return -lik(_split(flat, sizes)) / n_w
 
     theta0 = _start_theta(tensors, start, p)
-    with tqdm(total=None, desc="fit", unit="round", disable=not progress, leave=False) as bar:
+    with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
         res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
                        newton_first=start is not None)
     if not bool(torch.isfinite(torch.tensor(res.fun))):

@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from ..covariance import identity_theta, lambda_from_theta, n_theta, normalise_theta_signs, theta_index
 from ..errors import BoundaryWarning, ConfigError, ConvergenceWarning, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.agq import AGQLogLik
+from ..progress import progress_bar
 from ..quadrature import check_n_quad
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
@@ -206,7 +206,7 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
     term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
     top = tensors.levels[-1]
     w_total = float(top.w_cond.sum())
-    bar = tqdm(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress, leave=False)
+    bar = progress_bar(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress)
     try:
         return _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev)
     finally:
