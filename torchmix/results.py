@@ -1,8 +1,8 @@
 r"""Labelled results of one fit: tables, printed summary, random effects, prediction, Wald tests.
 
 :class:`MixedResults` is built from a :class:`~torchmix.tensors.FitOutput` and the
-:class:`~torchmix.design.Design` labels. Names follow ARCHITECTURE.md section 3; the summary
-layout is WeMix's (MATH.md section 10).
+:class:`~torchmix.design.Design` labels. Field names and the summary layout are those of
+MATH.md section 10 (WeMix's names, one meaning each).
 """
 
 from __future__ import annotations
