@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .arguments import attach_weight_series, resolve_aliases
 from .design import Design, build_design
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
 from .families import get_family
@@ -26,8 +27,10 @@ from .fit.gaussian_many import fit_gaussian_many
 from .fit.glmm import fit_glmm
 from .formula import parse_formula
 from .plausible import fit_plausible_values
+from .report.call import call_text, model_options
 from .results import MixedResults
 from .surveys import resolve_survey
+from .warn import warn
 
 __all__ = ["mix", "Prepared"]
 
@@ -79,8 +82,7 @@ def _resolve_n_quad(n_quad) -> int:
     if not math.isfinite(float(n_quad)) or round(float(n_quad)) <= 0:
         raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
     if float(n_quad) != round(float(n_quad)):
-        warnings.warn(f"n_quad={n_quad} is not an integer; rounded to {round(float(n_quad))}", TorchmixWarning,
-                      stacklevel=3)
+        warn(f"n_quad={n_quad} is not an integer; rounded to {round(float(n_quad))}", TorchmixWarning)
     return int(round(float(n_quad)))
 
 
@@ -187,16 +189,20 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def _fit_many(prepared: Prepared, ys: list) -> list:
+def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
     """Fit a gaussian model to several responses at once (plausible values): the first as usual,
-    with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`)."""
+    with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`).
+    ``advance(n)`` (a progress bar's ``update``) is called as values are done."""
     first = _fit_one(prepared, ys[0])
+    if advance is not None:
+        advance(1)
     stacked = torch.stack(ys, dim=1)
     o = prepared.options
     with _deterministic(o["deterministic"]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
-                                 small_sample=o["small_sample"], progress=False, first=first._out)
+                                 small_sample=o["small_sample"], progress=False, first=first._out,
+                                 newton_steps=min(20, o["max_iter"]))
     fits = [first]
     for y, out in zip(ys[1:], outs[1:]):
         design = replace(prepared.design, tensors=prepared.design.tensors.with_response(y))
@@ -232,9 +238,12 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     ----------
     formula : lme4-style formula, e.g. ``"mAch ~ meanses + cses + (1 + cses | school)"``.
     data : pandas DataFrame (never modified).
-    weights : weight column names, level 1 first (one per level); None = all ones.
+    weights : weight column names, level 1 first (one per level); None = all ones. A weight may
+        also be a pandas Series aligned with ``data`` by index (alone, or in the list among
+        column names); it is named after the Series (``weights[i]`` when unnamed) in the call.
     cweights : False (default) when the weights are unconditional (inverse overall inclusion
         probabilities), True when each level's weight is conditional on its parent being sampled.
+        WeMix's spelling ``cWeights=`` is accepted as an alias.
     family, link : ``"gaussian"`` (closed form), ``"binomial"``, ``"poisson"`` or a Family
         instance; link name or instance (canonical default).
     n_quad : Gauss-Hermite points per random effect (non-gaussian families; 1 = Laplace).
@@ -245,7 +254,11 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     edsurvey_compat : reproduce EdSurvey ``mixed.sdf`` quirks (MATH.md 3, E1-E3).
     plausible_values : ``{"math": ["PV1MATH", ...]}``: fit once per column and pool (Rubin).
     start : starting values ``(beta, variance components)`` in reporting order.
-    max_iter, tol : optimiser iteration budget and gradient tolerance (normalised objective).
+    max_iter : iteration budget. Gaussian family: L-BFGS iterations plus Newton polish steps
+        together (``res.iterations`` counts both). Other families: L-BFGS iterations of each of
+        the two stages (Laplace start, then the ``n_quad`` fit); the Newton polish after them has
+        its own bound. A fit that stops on the budget has ``converged=False`` and warns.
+    tol : gradient tolerance of the convergence test (normalised objective).
     small_sample : ``"G/(G-1)"`` (default) or ``"none"``: factor of the sandwich meat.
     device, dtype : where and in which precision to compute (float64 recommended).
     progress : show progress bars.
@@ -255,27 +268,34 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     Returns
     -------
     :class:`~torchmix.results.MixedResults`, or ``PooledResults`` with plausible values.
+
+    Notes
+    -----
+    Fits are by maximum (pseudo-)likelihood; ``REML=True`` is refused with the reason
+    (:mod:`torchmix.arguments`). WeMix's ``acc0``, ``fast``, ``keepAdapting`` and ``run`` are
+    accepted and ignored with a ``FutureWarning``.
     """
     for name in list(deprecated):
         if name in _DEPRECATED:
-            warnings.warn(f"argument {name!r} is accepted for WeMix compatibility and ignored", FutureWarning,
-                          stacklevel=2)
+            warn(f"argument {name!r} is accepted for WeMix compatibility and ignored", FutureWarning)
             deprecated.pop(name)
+    cweights = resolve_aliases(deprecated, cweights)
     if deprecated:
         raise TypeError(f"mix() got unexpected keyword argument(s) {sorted(deprecated)}")
-    kwargs = {k: v for k, v in dict(cweights=cweights, family=family, link=link, scaling=scaling, survey=survey,
-                                    plausible_values=plausible_values).items() if v not in (None, False)}
-    if family == "gaussian":
-        kwargs.pop("family")
+    kwargs = model_options(mix, locals())
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got {type(formula).__name__}")
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    frame, (data, weights) = data, attach_weight_series(data, weights)
+    call = call_text(formula, frame, weights, kwargs)
+    if isinstance(weights, list):
+        weights = [str(w) if isinstance(w, str) else w for w in weights]
     prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
-                        deterministic=deterministic, call=_call_text(formula, data, weights, kwargs))
+                        deterministic=deterministic, call=call)
     if prepared.responses is not None:
         return fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
                                     fit_many=_fit_many if prepared.is_gaussian else None)

@@ -15,7 +15,6 @@ The caller's DataFrame is never modified.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -27,6 +26,7 @@ import torch
 from .errors import DataError, DataWarning, FormulaError, WeightError
 from .formula import ParsedFormula
 from .tensors import LevelTensors, ModelTensors
+from .warn import warn
 from .weights import group_constant, to_conditional, to_unconditional, weight_columns, weight_stats
 
 __all__ = ["Design", "LevelInfo", "build_design", "group_keys", "INTERCEPT"]
@@ -225,8 +225,10 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
     keep = data[used].notna().all(axis=1).to_numpy().copy()
     n_missing = int((~keep).sum())
     if n_missing:
-        warnings.warn(f"{n_missing} row(s) with a missing value in a model variable or weight were dropped",
-                      DataWarning, stacklevel=3)
+        per_column = data[used].isna().sum()
+        counts = ", ".join(f"{c!r} {int(k)}" for c, k in per_column[per_column > 0].items())
+        warn(f"{n_missing} row(s) with a missing value in a model variable or weight were dropped "
+             f"(missing values per column: {counts})", DataWarning)
     # 2. non-positive weights
     n_wdrop = 0
     if wcols:
@@ -237,7 +239,7 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         pos = (wvals > 0).all(axis=1).to_numpy()
         n_wdrop = int((~pos).sum())
         if n_wdrop:
-            warnings.warn(f"{n_wdrop} row(s) with a weight <= 0 were dropped", DataWarning, stacklevel=3)
+            warn(f"{n_wdrop} row(s) with a weight <= 0 were dropped", DataWarning)
         idx = np.flatnonzero(keep)
         keep[idx[~pos]] = False
     clean = data.loc[keep]
@@ -315,8 +317,8 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
     aliased = _aliased_columns(x, uncond[0])
     if aliased:
         names = [all_names[j] for j in aliased]
-        warnings.warn(f"fixed-effect column(s) {names} are linearly dependent on earlier columns and were "
-                      "dropped; their coefficients are reported as NaN", DataWarning, stacklevel=3)
+        warn(f"fixed-effect column(s) {names} are linearly dependent on earlier columns and were "
+             "dropped; their coefficients are reported as NaN", DataWarning)
     kept = [j for j in range(x.shape[1]) if j not in aliased]
     x = x[:, kept]
     if parsed.response in clean.columns:

@@ -24,7 +24,6 @@ for every built-in link. Link classes and ``get_link`` are re-exported here. Pur
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 from .errors import ConfigError, DataError, DataWarning
 from .links import (_ETA_CLAMP, register_in, CloglogLink, IdentityLink, Link, LogitLink, LogLink, ProbitLink,
                     _elementwise_derivative, get_link, list_links, register_link)
+from .warn import warn
 
 __all__ = [
     "Link",
@@ -280,8 +280,8 @@ class Binomial(Family):
             return arr.astype(np.float64)
         if len(uniq) == 2:
             lo, hi = uniq[0], uniq[1]
-            warnings.warn(f"binomial response recoded: {_examples([lo])} -> 0, {_examples([hi])} -> 1",
-                          DataWarning, stacklevel=2)
+            warn(f"binomial response recoded: {_examples([lo])} -> 0, {_examples([hi])} -> 1",
+                 DataWarning)
             return (arr == hi).astype(np.float64)
         if not numeric:
             raise DataError(f"the binomial response must have exactly two distinct values, got "
@@ -347,8 +347,8 @@ class Poisson(Family):
                             f"negative value(s): {_examples(neg)}")
         frac = np.unique(arr[arr != np.floor(arr)])
         if frac.size:
-            warnings.warn(f"the poisson response has {frac.size} distinct non-integer value(s) "
-                          f"({_examples(frac)}); log f uses lgamma(y + 1)", DataWarning, stacklevel=2)
+            warn(f"the poisson response has {frac.size} distinct non-integer value(s) "
+                 f"({_examples(frac)}); log f uses lgamma(y + 1)", DataWarning)
         return arr
 
 

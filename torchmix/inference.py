@@ -10,11 +10,10 @@ of the log-likelihood.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .errors import NumericalError, TorchmixWarning
+from .warn import warn
 
 __all__ = ["meat", "sandwich", "safe_inverse_negative_hessian"]
 
@@ -38,8 +37,8 @@ def meat(scores: torch.Tensor, small_sample: str = "G/(G-1)") -> torch.Tensor:
     finite = torch.isfinite(scores).all(dim=1)
     if not bool(finite.all()):
         n_bad = int((~finite).sum())
-        warnings.warn(f"{n_bad} top-level group(s) have non-finite scores and are left out of the sandwich",
-                      TorchmixWarning, stacklevel=3)
+        warn(f"{n_bad} top-level group(s) have non-finite scores and are left out of the sandwich",
+             TorchmixWarning)
         scores = scores[finite]
     g = scores.shape[0]
     c = g / (g - 1) if (small_sample == "G/(G-1)" and g > 1) else 1.0
@@ -65,9 +64,9 @@ def safe_inverse_negative_hessian(hess: torch.Tensor, what: str = "parameters") 
         raise NumericalError(f"the Hessian for {what} is not finite")
     floor = top * eps ** 0.5
     if bool((evals <= floor).any()):
-        warnings.warn(f"the information matrix for {what} is not positive definite; "
-                      "its small eigenvalues were floored and the standard errors are approximate",
-                      TorchmixWarning, stacklevel=3)
+        warn(f"the information matrix for {what} is not positive definite; "
+             "its small eigenvalues were floored and the standard errors are approximate",
+             TorchmixWarning)
         evals = evals.clamp_min(floor)
     return (evecs / evals) @ evecs.transpose(0, 1)
 

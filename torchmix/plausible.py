@@ -33,10 +33,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import pooling
 from .errors import DataError
+from .progress import progress_bar
+from .report.interface import PooledCommon
 
 __all__ = ["PooledResults", "fit_plausible_values", "warm_start"]
 
@@ -86,8 +87,9 @@ def fit_plausible_values(prepared, responses: Mapping, fit_one: Callable, progre
     fit_one : callable ``fit_one(prepared, y, start=None) -> MixedResults``.
     progress : a tqdm bar over the values (the per-fit bars are turned off).
     warm : start value ``m+1`` from the solution of value ``m`` (:func:`warm_start`).
-    fit_many : optional callable ``fit_many(prepared, [y, ...]) -> [MixedResults, ...]`` that fits
-        all values at once (batched over values); it must show the first value's warnings only.
+    fit_many : optional callable ``fit_many(prepared, [y, ...], advance=None) -> [MixedResults, ...]``
+        that fits all values at once (batched over values); it must show the first value's
+        warnings only, and calls ``advance(n)`` as values are done (the bar moves by ``n``).
 
     Returns
     -------
@@ -99,14 +101,14 @@ def fit_plausible_values(prepared, responses: Mapping, fit_one: Callable, progre
         raise DataError("plausible_values: at least one column is needed")
     inner = _quiet(prepared)
     if fit_many is not None and len(items) > 1:
-        with tqdm(total=len(items), desc="plausible values (batched)", unit="value", disable=not progress,
-                  leave=False) as bar:
-            fits = fit_many(inner, [y for _, y in items])
-            bar.update(len(items))
+        with progress_bar(total=len(items), desc="plausible values (batched)", unit="value",
+                          disable=not progress) as bar:
+            fits = fit_many(inner, [y for _, y in items], advance=bar.update)
+            bar.update(len(items) - bar.n)
         return PooledResults(fits, [c for c, _ in items], response=getattr(prepared, "response_name", None),
                              call=getattr(prepared, "call", None))
     fits, start = [], None
-    bar = tqdm(items, desc="plausible values", unit="value", disable=not progress, leave=False)
+    bar = progress_bar(items, desc="plausible values", unit="value", disable=not progress)
     for m, (col, y) in enumerate(bar):
         bar.set_postfix_str(str(col))
         if m == 0:
@@ -143,7 +145,7 @@ def _table(df: pd.DataFrame, digits: int = 5) -> str:
     return df.map(fmt).to_string()
 
 
-class PooledResults:
+class PooledResults(PooledCommon):
     """Results pooled over K plausible values (EdSurvey ``mixed.sdf`` with Rubin's rules).
 
     Attributes
@@ -396,6 +398,3 @@ class PooledResults:
     def __repr__(self) -> str:
         return (f"<PooledResults {self.formula!r} n_pv={self.n_pv} nobs={self.nobs} groups={self.ngroups} "
                 f"converged={self.converged}>")
-
-    def _repr_html_(self) -> str:
-        return self.summary()._repr_html_()

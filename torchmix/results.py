@@ -1,12 +1,13 @@
 r"""Labelled results of one fit: tables, printed summary, random effects, prediction, Wald tests.
 
 :class:`MixedResults` is built from a :class:`~torchmix.tensors.FitOutput` and the
-:class:`~torchmix.design.Design` labels. Names follow ARCHITECTURE.md section 3; the summary
-layout is WeMix's (MATH.md section 10).
+:class:`~torchmix.design.Design` labels. Field names and the summary layout are those of
+MATH.md section 10 (WeMix's names, one meaning each).
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional, Sequence
@@ -18,6 +19,7 @@ import torch
 from .covariance import tau_index
 from .design import Design, group_keys
 from .errors import DataError
+from .report.interface import ResultsBase
 from .tensors import FitOutput
 
 __all__ = ["MixedResults", "Summary", "WaldTest", "chi2_sf", "varcomp_labels"]
@@ -61,7 +63,7 @@ class Summary:
         return self.text
 
     def _repr_html_(self) -> str:
-        return f"<pre>{self.text}</pre>"
+        return f"<pre>{html.escape(self.text)}</pre>"
 
 
 @dataclass
@@ -91,7 +93,7 @@ def _fmt_table(df: pd.DataFrame, digits: int = 6, index: bool = True) -> str:
     return df.map(fmt).to_string(index=index)
 
 
-class MixedResults:
+class MixedResults(ResultsBase):
     """Results of one weighted mixed-model fit.
 
     Attributes
@@ -103,6 +105,8 @@ class MixedResults:
     lnl : weighted (pseudo) log-likelihood.
     icc, icc_level : intraclass correlations (gaussian).
     ranef, u : dict level name -> DataFrame of random-effect predictions / spherical modes.
+    correlations : Series, correlation of each random-effect covariance. The members shared
+        with pooled results are listed in :mod:`torchmix.report.interface`.
     nobs, ngroups : row count and dict of group counts per level.
     converged, iterations, message : optimiser status.
     """
@@ -277,9 +281,6 @@ class MixedResults:
         fam = getattr(self.family, "name", str(self.family))
         return (f"<MixedResults {self.formula!r} family={fam} nobs={self.nobs} "
                 f"groups={self.ngroups} lnl={self.lnl:.4f} converged={self.converged}>")
-
-    def _repr_html_(self) -> str:
-        return self.summary()._repr_html_()
 
     # ------------------------------------------------------------------ prediction
     def _linkinv(self, eta: np.ndarray) -> np.ndarray:

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import difflib
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, TorchmixWarning, WeightError
+from .warn import warn
 
 __all__ = [
     "SCALING_METHODS",
@@ -471,9 +471,9 @@ def resolve_survey(survey: Optional[str] = None, columns: Optional[Iterable[str]
     elif compat:
         method = preset.edsurvey_scaling
         if method is None:
-            warnings.warn(f"EdSurvey does not specify weight transformation rules for {preset.name}; raw weights "
-                          f"are used (edsurvey_compat=True; the recommendation is: {preset.guidance})",
-                          TorchmixWarning, stacklevel=2)
+            warn(f"EdSurvey does not specify weight transformation rules for {preset.name}; raw weights "
+                 f"are used (edsurvey_compat=True; the recommendation is: {preset.guidance})",
+                 TorchmixWarning)
             why = "EdSurvey-compatible: no transformation for this survey"
         elif method != preset.scaling:
             why = f"EdSurvey-compatible (EdSurvey applies method {method} to {preset.name}, quirk E1)"

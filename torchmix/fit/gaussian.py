@@ -16,18 +16,17 @@ Hessians from ``torch.func.hessian``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.func import hessian, jacfwd
-from tqdm.auto import tqdm
 
 from ..covariance import (diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
                           normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau)
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.gaussian import GaussianLikelihood
+from ..progress import progress_bar
 from ..tensors import FitOutput, ModelTensors
+from ..warn import warn
 from .optimize import minimize
 
 __all__ = ["fit_gaussian", "BOUNDARY_TOL"]
@@ -127,7 +126,10 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     tensors : the model (any number of levels).
     start : optional ``(p + n_tau,)`` vector (beta, variance components, residual last);
         only the variance components are used (beta and sigma are profiled).
-    max_iter : L-BFGS iteration budget.
+    max_iter : iteration budget of the optimiser over :math:`\\theta`: L-BFGS iterations plus Newton
+        polish steps (:func:`~torchmix.fit.optimize.minimize`); when it is used up before the
+        gradient test passes, the fit is returned with ``converged=False`` and a
+        ``ConvergenceWarning``.
     tol : gradient tolerance on the normalised objective :math:`-\\ell_p/N_w`.
     small_sample : ``"G/(G-1)"`` or ``"none"`` (factor of the sandwich meat).
     progress : show a progress bar.
@@ -146,14 +148,14 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
         return -lik(_split(flat, sizes)) / n_w
 
     theta0 = _start_theta(tensors, start, p)
-    with tqdm(total=None, desc="fit", unit="round", disable=not progress, leave=False) as bar:
+    with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
         res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
                        newton_first=start is not None)
     if not bool(torch.isfinite(torch.tensor(res.fun))):
         raise NumericalError("the log-likelihood is not finite at the solution; check the response "
                              "for a perfect fit or extreme values")
     if not res.converged:
-        warnings.warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning, stacklevel=3)
+        warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning)
 
     return _finish(lik, res.x, res, small_sample)
 
@@ -197,8 +199,8 @@ def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample
     # boundary: a diagonal theta at (numerically) zero
     on_boundary = [diagonal_theta_mask(ts).to(t.device) & (t.abs() < BOUNDARY_TOL) for t, ts in zip(thetas, term_sizes)]
     if any(bool(m.any()) for m in on_boundary):
-        warnings.warn("a variance component is estimated at zero (on the boundary of the parameter space); "
-                      "its standard error is reported as NaN", BoundaryWarning, stacklevel=3)
+        warn("a variance component is estimated at zero (on the boundary of the parameter space); "
+             "its standard error is reported as NaN", BoundaryWarning)
         thetas = [torch.where(m, torch.zeros_like(t), t) for t, m in zip(thetas, on_boundary)]
 
     # ---------------------------------------------------------------- standard errors

@@ -22,17 +22,17 @@ Convergence: ``max_r |d(l / sum w_top) / d psi_r| < tol`` after the polish; othe
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from ..covariance import identity_theta, lambda_from_theta, n_theta, normalise_theta_signs, theta_index
 from ..errors import BoundaryWarning, ConfigError, ConvergenceWarning, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.agq import AGQLogLik
+from ..progress import progress_bar
 from ..quadrature import check_n_quad
 from ..tensors import FitOutput, ModelTensors
+from ..warn import warn
 from .glm_start import parse_start, weighted_glm
 from .glmm_se import boundary_pattern, fd_hessian, tau_jacobian, tau_of_theta
 
@@ -206,7 +206,7 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
     term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
     top = tensors.levels[-1]
     w_total = float(top.w_cond.sum())
-    bar = tqdm(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress, leave=False)
+    bar = progress_bar(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress)
     try:
         return _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev)
     finally:
@@ -314,14 +314,14 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
 
     boundary = [int(i) for i in torch.nonzero(zero_tau).flatten().tolist()]
     if boundary or singular:
-        warnings.warn("a random-effect covariance matrix is on the boundary of the parameter space (a variance "
-                      "or a diagonal Cholesky entry below 1e-6); variances reported as 0 have no standard error",
-                      BoundaryWarning, stacklevel=3)
+        warn("a random-effect covariance matrix is on the boundary of the parameter space (a variance "
+             "or a diagonal Cholesky entry below 1e-6); variances reported as 0 have no standard error",
+             BoundaryWarning)
     if converged:
         message = f"converged (max |gradient| {grad_max:.3g} < {tol:.3g})"
     else:
         message = f"gradient test failed: max |gradient| {grad_max:.3g} >= {tol:.3g} (normalised log-likelihood)"
-        warnings.warn(f"the GLMM fit did not converge: {message}", ConvergenceWarning, stacklevel=3)
+        warn(f"the GLMM fit did not converge: {message}", ConvergenceWarning)
     return FitOutput(
         beta=psi[:p].clone(), cov_beta=v_beta, cov_beta_model=model_inv[:m_beta, :m_beta], theta=thetas,
         sigma=None, tau=tau, tau_cov=tau_cov, lnl=lnl, u=u, b=b, converged=converged, iterations=iterations,

@@ -45,7 +45,9 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
     ----------
     f : callable ``(k,) -> ()``, differentiable with autograd (and ``torch.func``).
     x0 : ``(k,)`` starting point.
-    max_iter : L-BFGS iteration budget.
+    max_iter : iteration budget: L-BFGS iterations plus Newton polish steps together never exceed
+        it (``iterations`` of the result counts both); a run that has used it up without passing
+        the gradient test returns ``converged=False``.
     tol : convergence when :math:`\max_r |\partial f/\partial x_r| <` ``tol``.
     newton_steps : at most this many Newton polish steps after L-BFGS.
     progress : optional tqdm bar, updated once per L-BFGS round.
@@ -57,10 +59,10 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
     -------
     :class:`MinimizeResult`
     """
-    iterations, message = 0, "L-BFGS iteration budget reached"
+    iterations, message = 0, f"iteration budget reached (max_iter={max_iter})"
     x = x0.detach().clone()
     if newton_first:
-        x, val, g, iterations = _newton(f, x, tol, newton_steps)
+        x, val, g, iterations = _newton(f, x, tol, min(newton_steps, max_iter))
         if float(g.abs().max()) < tol:
             return MinimizeResult(x=x, fun=float(val), grad_max=float(g.abs().max()),
                                   converged=bool(torch.isfinite(val)), iterations=iterations,
@@ -77,6 +79,7 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
 
     last = float("inf")
     while iterations < max_iter:
+        opt.param_groups[0]["max_iter"] = min(25, max_iter - iterations)
         before = opt.state[opt._params[0]].get("n_iter", 0)
         start_val = float(opt.step(closure).detach())
         after = opt.state[opt._params[0]].get("n_iter", 0)
@@ -93,7 +96,7 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
             message = "L-BFGS converged"
             break
         last = now
-    x, val, g, n_polish = _newton(f, x.detach(), tol, newton_steps)
+    x, val, g, n_polish = _newton(f, x.detach(), tol, min(newton_steps, max_iter - iterations))
     iterations += n_polish
     grad_max = float(g.abs().max())
     converged = bool(torch.isfinite(val)) and grad_max < tol

@@ -19,12 +19,12 @@ whose negative Hessian is the "arrow" matrix solved through its Schur complement
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConvergenceWarning
+from ..warn import warn
 from .segments import Grouping
 from .smallmat import MAX_UNROLLED, cholesky_lower, solve_lower
 
@@ -320,5 +320,5 @@ def newton_modes_3(family, y, w1, g2: Grouping, g3: Grouping, parent: Grouping, 
 def warn_modes(converged: bool, iterations: int, what: str = "random-effect modes") -> None:
     """Warn when the batched Newton iterations hit their cap."""
     if not converged:
-        warnings.warn(f"the {what} did not converge in {iterations} Newton iterations; the likelihood "
-                      "value may be inaccurate", ConvergenceWarning, stacklevel=3)
+        warn(f"the {what} did not converge in {iterations} Newton iterations; the likelihood "
+             "value may be inaccurate", ConvergenceWarning)

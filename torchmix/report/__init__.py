@@ -1,0 +1,1 @@
+"""What a person reads: the call line, HTML rendering, the interface results share."""
