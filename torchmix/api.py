@@ -20,6 +20,7 @@ import torch
 
 from .arguments import attach_weight_series, resolve_aliases
 from .design import Design, build_design
+from .design_variance import resolve_design_variance
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
 from .families import get_family
 from .fit.gaussian import fit_gaussian
@@ -27,6 +28,7 @@ from .fit.gaussian_many import fit_gaussian_many
 from .fit.glmm import fit_glmm
 from .formula import parse_formula
 from .plausible import fit_plausible_values
+from .replication import apply_design_variance
 from .report.call import call_text, model_options
 from .results import MixedResults
 from .surveys import resolve_survey
@@ -99,14 +101,6 @@ def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.
             raise DataError(f"the response {name!r} has non-finite values")
         return arr
     return np.asarray(fam.validate(np.asarray(y_raw)), dtype=float)
-
-
-def _call_text(formula, data, weights, kwargs) -> str:
-    parts = [f"formula = {formula!r}", f"data = <DataFrame {data.shape[0]} x {data.shape[1]}>"]
-    if weights is not None:
-        parts.append(f"weights = {weights!r}")
-    parts += [f"{k} = {v!r}" for k, v in kwargs.items()]
-    return "mix(" + ", ".join(parts) + ")"
 
 
 def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", link=None, n_quad=13,
@@ -201,8 +195,8 @@ def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
     with _deterministic(o["deterministic"]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
-                                 small_sample=o["small_sample"], progress=False, first=first._out,
-                                 newton_steps=min(20, o["max_iter"]))
+                                 small_sample=prepared.extra.get("meat") or o["small_sample"], progress=False,
+                                 first=first._out, newton_steps=min(20, o["max_iter"]))
     fits = [first]
     for y, out in zip(ys[1:], outs[1:]):
         design = replace(prepared.design, tensors=prepared.design.tensors.with_response(y))
@@ -210,17 +204,24 @@ def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
     return fits
 
 
+def _fit_tensors(prepared: Prepared, tensors, start=None, progress=None):
+    """Fit the prepared model to ``tensors`` (its design, or the design with other weights or response)."""
+    o = prepared.options
+    meat = prepared.extra.get("meat") or o["small_sample"]
+    show = o["progress"] if progress is None else progress
+    with _deterministic(o["deterministic"]):
+        if prepared.is_gaussian:
+            return fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"], small_sample=meat,
+                                progress=show)
+        return fit_glmm(tensors, prepared.family, n_quad=o["n_quad"], start=start, max_iter=o["max_iter"],
+                        tol=o["tol"], small_sample=meat, progress=show)
+
+
 def _fit_one(prepared: Prepared, y: Optional[torch.Tensor] = None, start=None) -> MixedResults:
     """Fit the prepared model once (optionally with another response vector ``y``)."""
     tensors = prepared.design.tensors if y is None else prepared.design.tensors.with_response(y)
     o = prepared.options
-    with _deterministic(o["deterministic"]):
-        if prepared.is_gaussian:
-            out = fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"],
-                               small_sample=o["small_sample"], progress=o["progress"])
-        else:
-            out = fit_glmm(tensors, prepared.family, n_quad=o["n_quad"], start=start, max_iter=o["max_iter"],
-                           tol=o["tol"], small_sample=o["small_sample"], progress=o["progress"])
+    out = _fit_tensors(prepared, tensors, start)
     design = prepared.design
     if y is not None:
         design = replace(design, tensors=tensors)
@@ -231,7 +232,12 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         link=None, n_quad: int = 13, center_group: Optional[dict] = None, center_grand=None, scaling=None,
         survey: Optional[str] = None, edsurvey_compat: bool = False, plausible_values: Optional[dict] = None,
         start=None, max_iter: int = 200, tol: float = 1e-8, small_sample: str = "G/(G-1)", device="cpu",
-        dtype=torch.float64, progress: bool = True, deterministic: bool = False, **deprecated):
+        dtype=torch.float64, progress: bool = True, deterministic: bool = False, se_type: Optional[str] = None,
+        strata: Optional[str] = None, psu: Optional[str] = None, fpc=None, lonely_psu: str = "error",
+        replicate_weights=None, replicate_method: Optional[str] = None, fay_rho: Optional[float] = None,
+        scale: Optional[float] = None, rscales=None, mse: bool = True, jk_zone: Optional[str] = None,
+        jk_rep: Optional[str] = None, jk_both_halves: Optional[bool] = None, replicate_pv: str = "all",
+        **deprecated):
     """Fit a survey-weighted multilevel (mixed-effects) model.
 
     Parameters
@@ -264,6 +270,25 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     progress : show progress bars.
     deterministic : use deterministic algorithms (CUDA ``index_add`` is otherwise
         nondeterministic in its last bits).
+    se_type : ``"sandwich"`` (default), ``"linearization"`` or ``"replicate"``; giving
+        ``strata``/``psu``/``fpc`` selects linearization and ``replicate_weights``/``jk_zone``
+        selects replicates without naming it.
+    strata, psu : columns of the sampling strata and primary sampling units (a PSU holds whole
+        top-level groups; PSU ids are taken within strata; default PSU: the top-level groups).
+    fpc : finite-population correction per stratum: a column, a number or a dict stratum -> value;
+        sampling fractions (all <= 1) or population numbers of PSUs (any > 1).
+    lonely_psu : strata with one PSU: ``"error"`` (default), ``"remove"``, ``"certainty"``,
+        ``"adjust"`` or ``"average"`` (the R ``survey`` package's rules).
+    replicate_weights : level-1 replicate weight columns (a list or a regular expression such as
+        ``"W_FSTR\\d+"``), or ``{weight column: [replicate columns]}`` for the level-1 or the top-level
+        weight column.
+    replicate_method, fay_rho, scale, rscales, mse : ``"JK1" | "JK2" | "BRR" | "Fay" | "bootstrap"``,
+        Fay's rho, the variance constants (defaults by method, as in ``survey::svrepdesign``), and
+        whether deviations are taken from the full-sample estimate (default) or the replicate mean.
+    jk_zone, jk_rep, jk_both_halves : jackknife zones and replicate indicator columns (TIMSS/PIRLS
+        ``JKZONE``, ``JKREP``); both halves forms two replicates per zone (scale 1/2 for JK2).
+    replicate_pv : with plausible values, replicate variance from ``"all"`` values (default) or the
+        ``"first"`` only.
 
     Returns
     -------
@@ -296,7 +321,18 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
                         deterministic=deterministic, call=call)
+    design_args = dict(se_type=se_type, strata=strata, psu=psu, fpc=fpc, lonely_psu=lonely_psu,
+                       replicate_weights=replicate_weights, replicate_method=replicate_method, fay_rho=fay_rho,
+                       scale=scale, rscales=rscales, mse=mse, jk_zone=jk_zone, jk_rep=jk_rep,
+                       jk_both_halves=jk_both_halves, replicate_pv=replicate_pv, survey=survey)
+    dv = resolve_design_variance(prepared.plan.materialise(data), prepared.design, prepared.plan, design_args)
+    if dv is not None and dv.kind == "linearization":
+        prepared.extra["meat"] = dv.meat
     if prepared.responses is not None:
-        return fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
-                                    fit_many=_fit_many if prepared.is_gaussian else None)
-    return _fit_one(prepared, start=start)
+        res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
+                                   fit_many=_fit_many if prepared.is_gaussian else None)
+    else:
+        res = _fit_one(prepared, start=start)
+    if dv is None:
+        return res
+    return apply_design_variance(res, dv, lambda t, s: _fit_tensors(prepared, t, s, progress=False), progress)

@@ -26,12 +26,20 @@ def meat(scores: torch.Tensor, small_sample: str = "G/(G-1)") -> torch.Tensor:
     Parameters
     ----------
     scores : tensor ``(G, k)``; rows with a non-finite entry are dropped with a warning.
-    small_sample : ``"G/(G-1)"`` (default, WeMix) or ``"none"`` (CR0).
+    small_sample : ``"G/(G-1)"`` (default, WeMix) or ``"none"`` (CR0), or a callable
+        ``scores -> (k, k)`` such as :class:`~torchmix.variance.StratifiedMeat`.
 
     Returns
     -------
     tensor ``(k, k)``
     """
+    if callable(small_sample):  # a design-based meat (:mod:`torchmix.variance.linearization`)
+        finite = torch.isfinite(scores).all(dim=1)
+        if not bool(finite.all()):
+            warnings.warn(f"{int((~finite).sum())} top-level group(s) have non-finite scores and are left out "
+                          "of the sandwich", TorchmixWarning, stacklevel=3)
+            scores = torch.where(finite[:, None], scores, torch.zeros_like(scores))
+        return small_sample(scores)
     if small_sample not in SMALL_SAMPLE_CHOICES:
         raise ValueError(f"small_sample must be one of {SMALL_SAMPLE_CHOICES}, got {small_sample!r}")
     finite = torch.isfinite(scores).all(dim=1)

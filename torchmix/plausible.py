@@ -181,6 +181,7 @@ class PooledResults(PooledCommon):
         self.levels = getattr(first, "levels", len(self.ngroups) + 1)
         self.family = getattr(first, "family", None)
         self.notes = list(getattr(first, "notes", []))
+        self.variance = getattr(first, "variance", None)
         self.converged = all(bool(f.converged) for f in self.fits)
         self.lnl = float(first.lnl) if self.n_pv == 1 else None
         self.df_complete = float(list(self.ngroups.values())[-1] - 1) if self.ngroups else math.inf
@@ -365,6 +366,8 @@ class PooledResults(PooledCommon):
             lines += [f"WARNING: the optimiser did not converge for {', '.join(bad)}"]
         for note in self.notes:
             lines += [f"Weights: {note}"]
+        if self.variance:
+            lines += [f"Standard errors: {self.variance['description']}"]
         groups = pd.DataFrame({"Group Var": list(self.ngroups)[::-1] + ["Residual" if self._is_gaussian else "Obs"],
                                "Observations": list(self.ngroups.values())[::-1] + [self.nobs],
                                "Level": list(range(len(self.ngroups) + 1, 0, -1))},

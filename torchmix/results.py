@@ -128,6 +128,7 @@ class MixedResults(ResultsBase):
         self.levels = design.n_levels
         self.n_quad = options.get("n_quad") if not self.is_gaussian else None
         self.notes = list(design.notes)
+        self.variance = out.extra.get("variance")  # design-based variance: method, description, df
 
     # ------------------------------------------------------------------ basic tables
     @property
@@ -243,6 +244,8 @@ class MixedResults(ResultsBase):
             lines += [f"WARNING: the optimiser did not converge ({self.message})", ""]
         if self.notes:
             lines += [f"Weights: {n}" for n in self.notes] + [""]
+        if self.variance:
+            lines += [f"Standard errors: {self.variance['description']}", ""]
         vd = self.var_df
         var_rows = []
         for lvl in sorted(vd["level"].unique(), reverse=True):
