@@ -16,7 +16,9 @@ import warnings
 from typing import Callable
 
 from .errors import ConvergenceWarning
-from .fit.replicates import estimate_vector, make_progress, refit_replicates
+import torch
+
+from .fit.replicates import estimate_vector, gaussian_estimates, make_progress, refit_replicates
 
 __all__ = ["apply_design_variance"]
 
@@ -40,7 +42,16 @@ def _with_variance(out, dv, cov=None, estimates=None):
 def _replicate_cov(res, dv, fit: Callable, bar):
     out = res._out
     full = estimate_vector(out)
-    est, n_failed = refit_replicates(res.design.tensors, dv.scheme.factors, fit, full, progress=bar)
+    if out.sigma is not None:   # gaussian: estimates only, from the full-sample theta
+        o = res.options
+
+        def fit(tensors, theta0):
+            return gaussian_estimates(tensors, theta0, max_iter=o["max_iter"], tol=o["tol"])
+
+        start = torch.cat([t.reshape(-1) for t in out.theta])
+    else:
+        start = full
+    est, n_failed = refit_replicates(res.design.tensors, dv.scheme.factors, fit, start, progress=bar)
     if n_failed:
         warnings.warn(f"{n_failed} of {dv.scheme.n_replicates} replicate fits did not converge; their estimates "
                       "are used as they are", ConvergenceWarning, stacklevel=4)

@@ -18,10 +18,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..covariance import diagonal_theta_mask, lambda_from_theta, n_theta, tau_from_lambda
 from ..errors import ConvergenceWarning
+from ..likelihood.gaussian import GaussianLikelihood
 from ..tensors import FitOutput, ModelTensors
+from .optimize import minimize
 
-__all__ = ["scale_top_weights", "estimate_vector", "refit_replicates"]
+__all__ = ["scale_top_weights", "estimate_vector", "gaussian_estimates", "refit_replicates"]
+
+BOUNDARY_TOL = 1e-6
 
 
 def scale_top_weights(tensors: ModelTensors, factors: torch.Tensor) -> ModelTensors:
@@ -53,6 +58,38 @@ def estimate_vector(out: FitOutput) -> torch.Tensor:
     return torch.cat([out.beta.reshape(-1), out.tau.reshape(-1)]).detach()
 
 
+def gaussian_estimates(tensors: ModelTensors, theta0: torch.Tensor, *, max_iter: int = 200,
+                       tol: float = 1e-8) -> tuple[torch.Tensor, bool]:
+    r"""Estimates only (no standard errors) of the gaussian model, from a warm start.
+
+    Minimises :math:`-\ell_p(\theta)/N_w` from ``theta0`` (Newton first, then L-BFGS if needed),
+    then :math:`\hat\beta, \hat\sigma^2` in closed form and
+    :math:`\tau_l = \operatorname{free}(\hat\sigma^2\Lambda_l\Lambda_l^\top)`, with diagonal
+    :math:`\theta` entries below 1e-6 set to zero as in the full fit.
+
+    Returns
+    -------
+    ``(p + n_tau,)`` fixed effects then variance components (residual last); converged flag.
+    """
+    lik = GaussianLikelihood(tensors)
+    term_sizes = [lv.term_sizes for lv in tensors.levels]
+    sizes = [n_theta(ts) for ts in term_sizes]
+    n_w = lik.n_w
+
+    def objective(flat):
+        return -lik(list(torch.split(flat, sizes))) / n_w
+
+    res = minimize(objective, theta0, max_iter=max_iter, tol=tol, newton_first=True)
+    thetas = []
+    for t, ts in zip(torch.split(res.x.detach(), sizes), term_sizes):
+        tiny = diagonal_theta_mask(ts).to(t.device) & (t.abs() < BOUNDARY_TOL)
+        thetas.append(torch.where(tiny, torch.zeros_like(t), t))
+    with torch.no_grad():
+        _, beta, sigma2, _, _ = lik.profile(thetas)
+        taus = [tau_from_lambda(lambda_from_theta(t, ts), ts, sigma2) for t, ts in zip(thetas, term_sizes)]
+    return torch.cat([beta.reshape(-1)] + taus + [sigma2.reshape(1)]), bool(res.converged)
+
+
 def refit_replicates(tensors: ModelTensors, factors: torch.Tensor, fit: Callable, start: torch.Tensor,
                      progress=None) -> tuple[torch.Tensor, int]:
     r"""Refit the model once per replicate.
@@ -61,8 +98,8 @@ def refit_replicates(tensors: ModelTensors, factors: torch.Tensor, fit: Callable
     ----------
     tensors : the full-sample model (its response included).
     factors : ``(R, G_L)`` replicate factors.
-    fit : ``fit(tensors, start) -> FitOutput``.
-    start : ``(p + n_tau,)`` full-sample estimates, the start of every replicate.
+    fit : ``fit(tensors, start) -> FitOutput`` or ``(estimates, converged)``.
+    start : the start of every replicate (the full-sample solution, in the form ``fit`` takes).
     progress : optional tqdm bar, advanced once per replicate.
 
     Returns
@@ -75,9 +112,10 @@ def refit_replicates(tensors: ModelTensors, factors: torch.Tensor, fit: Callable
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = fit(scale_top_weights(tensors, factors[r]), start)
-        if not out.converged or any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        est, ok = (estimate_vector(out), out.converged) if isinstance(out, FitOutput) else out
+        if not ok or any(issubclass(w.category, ConvergenceWarning) for w in caught):
             n_failed += 1
-        rows.append(estimate_vector(out))
+        rows.append(est)
         if progress is not None:
             progress.update(1)
     return torch.stack(rows), n_failed
