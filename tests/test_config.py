@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import torchmix
-from torchmix.config import (SCHEMA, FitConfig, ModelConfig, RunConfig, check_device, check_run, load_config,
-                             load_data, parse_config, run_config)
+from torchmix.config import (SCHEMA, FitConfig, ModelConfig, RunConfig, VarianceConfig, check_device, check_run,
+                             load_config, load_data, parse_config, run_config)
 from torchmix.errors import ConfigError, DataError, FormulaError, WeightError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -103,6 +103,22 @@ dtype = "float32"
 progress = false
 deterministic = true
 start = [1, 2.5]
+[variance]
+se_type = "replicate"
+strata = "st"
+psu = "ps"
+fpc = { a = 0.1, b = 0.2 }
+lonely_psu = "adjust"
+replicate_weights = { w1 = ["r1", "r2"] }
+replicate_method = "Fay"
+fay_rho = 0.5
+scale = 0.05
+rscales = [1, 1]
+mse = false
+jk_zone = "z"
+jk_rep = "r"
+jk_both_halves = true
+replicate_pv = "first"
 [output]
 folder = "out"
 formats = ["json", "csv", "json"]
@@ -118,7 +134,10 @@ formats = ["json", "csv", "json"]
         "center_group": {"g": ["x"], "h": ["z"]}, "center_grand": ["x"], "scaling": "A", "survey": "PISA",
         "edsurvey_compat": True, "plausible_values": {"y": ["p1", "p2"]}, "max_iter": 50, "tol": 1.0,
         "small_sample": "none", "device": "cpu", "dtype": torch.float32, "progress": False, "deterministic": True,
-        "start": [1.0, 2.5],
+        "start": [1.0, 2.5], "se_type": "replicate", "strata": "st", "psu": "ps", "fpc": {"a": 0.1, "b": 0.2},
+        "lonely_psu": "adjust", "replicate_weights": {"w1": ["r1", "r2"]}, "replicate_method": "Fay",
+        "fay_rho": 0.5, "scale": 0.05, "rscales": [1.0, 1.0], "mse": False, "jk_zone": "z", "jk_rep": "r",
+        "jk_both_halves": True, "replicate_pv": "first",
     }
     assert type(kw["tol"]) is float
     resolved = cfg.to_dict()
@@ -343,17 +362,18 @@ def test_run_config_makes_exactly_one_mix_call(tmp_path, monkeypatch):
     assert formula == "Reaction ~ Days + (1 | Subject)"
     pd.testing.assert_frame_equal(data, torchmix.load_dataset("sleepstudy"))
     assert kwargs["max_iter"] == 9 and kwargs["weights"] == "Days"
-    assert set(kwargs) == (set(SCHEMA["model"]) | set(SCHEMA["fit"])) - {"formula"}
+    assert set(kwargs) == (set(SCHEMA["model"]) | set(SCHEMA["fit"]) | set(SCHEMA["variance"])) - {"formula"}
 
 
 def test_schema_keys_are_mix_keywords():
-    """Every config key of [model] and [fit] is a keyword of torchmix.mix with the same default."""
+    """Every config key of [model], [fit] and [variance] is a keyword of torchmix.mix with the same default."""
     params = {name: p for name, p in inspect.signature(torchmix.mix).parameters.items()
               if p.kind is not inspect.Parameter.VAR_KEYWORD}
-    keys = set(SCHEMA["model"]) | set(SCHEMA["fit"])
+    keys = set(SCHEMA["model"]) | set(SCHEMA["fit"]) | set(SCHEMA["variance"])
     assert keys == set(params) - {"data"}
     defaults = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
-                **{f.name: f.default for f in dataclasses.fields(FitConfig)}}
+                **{f.name: f.default for f in dataclasses.fields(FitConfig)},
+                **{f.name: f.default for f in dataclasses.fields(VarianceConfig)}}
     for key, default in defaults.items():
         if key == "formula":
             continue

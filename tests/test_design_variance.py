@@ -336,3 +336,21 @@ def test_plausible_values_with_replicates_pooling_by_hand():
     for f in first.fits:
         np.testing.assert_allclose(f.se.to_numpy(), first.fits[0].se.to_numpy(), rtol=1e-14)
     assert first.df_complete == res.fits[0].variance["df"]
+
+
+def test_config_variance_section(tmp_path):
+    from torchmix.config import load_config, run_config
+    df = _zones(sleepstudy_weighted())
+    path = tmp_path / "d.csv"
+    df.to_csv(path, index=False)
+    cfg = tmp_path / "rep.toml"
+    cfg.write_text(f'[data]\npath = "{path.name}"\n[model]\nformula = "{F1}"\nweights = ["w1", "w2"]\n'
+                   '[fit]\nprogress = false\n[variance]\njk_zone = "JKZONE"\njk_rep = "JKREP"\n'
+                   'jk_both_halves = true\n')
+    res = run_config(load_config(cfg))
+    direct = _quiet_mix(F1, df, weights=["w1", "w2"], jk_zone="JKZONE", jk_rep="JKREP", jk_both_halves=True)
+    np.testing.assert_allclose(res.se, direct.se, rtol=1e-12)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[data]\npath = "{path.name}"\n[model]\nformula = "{F1}"\n[variance]\nfay_rho = 1.5\n')
+    with pytest.raises(tm.ConfigError, match="fay_rho"):
+        load_config(bad)

@@ -19,7 +19,6 @@ constant up to rounding).
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +30,7 @@ from .errors import ConfigError, DataError, TorchmixWarning
 from .replicate_presets import replicate_preset
 from .surveys import find_columns
 from .variance import LONELY_PSU_RULES, REPLICATE_METHODS, ReplicateScheme, StratifiedMeat, zone_factors
+from .warn import warn
 
 __all__ = ["SE_TYPES", "DesignVariance", "resolve_design_variance"]
 
@@ -187,9 +187,9 @@ def _ratio_factors(data, design, full: np.ndarray, columns: list, what: str) -> 
         uneven.update(np.unique(top[dev]).tolist())
     if uneven:
         labels = [str(design.levels[-1].labels[k]) for k in sorted(uneven)[:5]]
-        warnings.warn(f"{what}: the ratio replicate/full weight is not constant within {len(uneven)} top-level "
+        warn(f"{what}: the ratio replicate/full weight is not constant within {len(uneven)} top-level "
                       f"group(s) ({', '.join(labels)}{', ...' if len(uneven) > 5 else ''}); their replicate factor "
-                      "is the weighted mean of the ratios", TorchmixWarning, stacklevel=4)
+                      "is the weighted mean of the ratios", TorchmixWarning)
     return out
 
 

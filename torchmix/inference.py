@@ -36,8 +36,8 @@ def meat(scores: torch.Tensor, small_sample: str = "G/(G-1)") -> torch.Tensor:
     if callable(small_sample):  # a design-based meat (:mod:`torchmix.variance.linearization`)
         finite = torch.isfinite(scores).all(dim=1)
         if not bool(finite.all()):
-            warnings.warn(f"{int((~finite).sum())} top-level group(s) have non-finite scores and are left out "
-                          "of the sandwich", TorchmixWarning, stacklevel=3)
+            warn(f"{int((~finite).sum())} top-level group(s) have non-finite scores and are left out "
+                          "of the sandwich", TorchmixWarning)
             scores = torch.where(finite[:, None], scores, torch.zeros_like(scores))
         return small_sample(scores)
     if small_sample not in SMALL_SAMPLE_CHOICES:

@@ -12,13 +12,13 @@ r"""Apply a design-based variance estimator to finished fits (single or plausibl
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Callable
 
-from .errors import ConvergenceWarning
 import torch
 
+from .errors import ConvergenceWarning
 from .fit.replicates import estimate_vector, gaussian_estimates, make_progress, refit_replicates
+from .warn import warn
 
 __all__ = ["apply_design_variance"]
 
@@ -53,8 +53,8 @@ def _replicate_cov(res, dv, fit: Callable, bar):
         start = full
     est, n_failed = refit_replicates(res.design.tensors, dv.scheme.factors, fit, start, progress=bar)
     if n_failed:
-        warnings.warn(f"{n_failed} of {dv.scheme.n_replicates} replicate fits did not converge; their estimates "
-                      "are used as they are", ConvergenceWarning, stacklevel=4)
+        warn(f"{n_failed} of {dv.scheme.n_replicates} replicate fits did not converge; their estimates "
+                      "are used as they are", ConvergenceWarning)
     return dv.scheme.variance(est, full), est
 
 

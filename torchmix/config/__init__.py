@@ -4,7 +4,7 @@ Schema
 ------
 Every key below is optional unless marked *required*; an absent key takes the default of
 :func:`torchmix.mix` (TOML has no null: leave a key out to get ``None``). Keys under
-``[model]`` and ``[fit]`` are spelled exactly like the keyword arguments of ``mix()``.
+``[model]``, ``[fit]`` and ``[variance]`` are spelled exactly like the keyword arguments of ``mix()``.
 Relative paths written in the file are relative to the folder that holds the file.
 
 .. code-block:: toml
@@ -38,6 +38,20 @@ Relative paths written in the file are relative to the folder that holds the fil
     deterministic = false                      # true: bitwise reproducible on CUDA (slower)
     start        = [250.0, 10.0, 600.0, 30.0]  # optional starting values (beta, then tau)
 
+    [variance]                                 # design-based standard errors (default: sandwich)
+    se_type           = "linearization"        # "sandwich", "model", "linearization", "replicate"
+    strata            = "STRATUM"              # linearization: strata, PSUs, FPC, lonely-PSU rule
+    psu               = "PSU"
+    fpc               = 0.05                   # a column, a number, or { stratum = value, ... }
+    lonely_psu        = "error"                # "remove", "certainty", "adjust", "average"
+    replicate_weights = "W_FSTR\\d+"           # replicates: a pattern, an array, or a table
+    replicate_method  = "Fay"                  # "JK1", "JK2", "BRR", "Fay", "bootstrap"
+    fay_rho           = 0.5
+    mse               = true                   # deviations from the full-sample estimate
+    jk_zone           = "JKZONE"               # or jackknife zones and replicate indicators
+    jk_rep            = "JKREP"
+    replicate_pv      = "all"                  # or "first": replicate variance of the first value
+
     [output]
     folder  = "results/sleepstudy"             # absent: results/<config name> in the working folder
     formats = ["csv"]                          # table formats: "csv", "json", "parquet" (pyarrow)
@@ -53,13 +67,15 @@ output checks and the ``mix()`` call).
 """
 
 from .run import check_device, check_output, check_run, load_data, run_config
-from .schema import SCHEMA, TABLE_FORMATS, DataConfig, FitConfig, ModelConfig, OutputConfig, RunConfig
+from .schema import (SCHEMA, TABLE_FORMATS, DataConfig, FitConfig, ModelConfig, OutputConfig, RunConfig,
+                     VarianceConfig)
 from .validate import load_config, parse_config
 
 __all__ = [
     "DataConfig",
     "ModelConfig",
     "FitConfig",
+    "VarianceConfig",
     "OutputConfig",
     "RunConfig",
     "SCHEMA",

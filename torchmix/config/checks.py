@@ -112,6 +112,35 @@ def _float_list(value, where):
     return tuple(float(v) for v in value)
 
 
+def _unit_float(value, where):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
+        raise _bad(where, "a number in [0, 1)", value)
+    return float(value)
+
+
+def _fpc(value, where):
+    """A column name, a non-negative number, or a table stratum -> number."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    if isinstance(value, dict) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+        return MappingProxyType({k: float(v) for k, v in value.items()})
+    raise _bad(where, "a column name, a number, or a table stratum -> number", value)
+
+
+def _replicate_weights(value, where):
+    """A regular expression, an array of column names, or a table weight column -> array."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list):
+        return _str_list(value, where)
+    if isinstance(value, dict):
+        return _table_of_str_lists(value, where)
+    raise _bad(where, "a pattern, an array of column names, or a table weight column -> array", value)
+
+
 def _dtype(value, where):
     value = _str(value, where)
     if value not in _DTYPES:

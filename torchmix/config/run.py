@@ -10,7 +10,7 @@ import importlib.util
 from typing import Union
 
 from ..errors import ConfigError, DataError
-from .schema import DataConfig, RunConfig
+from .schema import DataConfig, RunConfig, _fields
 
 __all__ = ["load_data", "check_device", "check_output", "run_config", "check_run"]
 
@@ -200,12 +200,20 @@ def check_run(cfg: RunConfig, data) -> str:
 
     from .. import api
 
-    kwargs = {k: v for k, v in cfg.mix_kwargs().items() if k != "start"}
+    from ..design_variance import resolve_design_variance
+
+    all_kwargs = cfg.mix_kwargs()
+    variance = {k: all_kwargs.pop(k) for k in _fields(cfg.variance)}
+    kwargs = {k: v for k, v in all_kwargs.items() if k != "start"}
     kwargs["progress"] = False
-    design = api._prepare(model.formula, data, **kwargs, call="validate").design
+    prepared = api._prepare(model.formula, data, **kwargs, call="validate")
+    design = prepared.design
+    dv = resolve_design_variance(prepared.plan.materialise(data), design, prepared.plan,
+                                 {**variance, "survey": model.survey})
     levels = ", ".join(f"level {l} {info.name!r}: {len(info.labels)} groups"
                        for l, info in enumerate(design.levels, start=2))
     used = design.weight_columns
     wtxt = "unweighted" if not used else f"weights {', '.join(used)}"
     notes = "".join(f"; {n}" for n in design.notes if n)
-    return f"{len(design.row_index)} of {len(data)} rows used; {levels}; {wtxt}{notes}"
+    se = "" if dv is None else f"; standard errors: {dv.description}"
+    return f"{len(design.row_index)} of {len(data)} rows used; {levels}; {wtxt}{notes}{se}"

@@ -10,10 +10,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Union
 
-from .checks import (TABLE_FORMATS, _bool, _device, _dtype, _float_list, _formats, _int_at_least,
-                     _nonempty_str, _positive_float, _str_list, _str_or_str_list, _table_of_str_lists)
+from .checks import (TABLE_FORMATS, _bool, _device, _dtype, _float_list, _formats, _fpc, _int_at_least,
+                     _nonempty_str, _positive_float, _replicate_weights, _str_list, _str_or_str_list,
+                     _table_of_str_lists, _unit_float)
 
-__all__ = ["DataConfig", "ModelConfig", "FitConfig", "OutputConfig", "RunConfig", "SCHEMA", "TABLE_FORMATS"]
+__all__ = ["DataConfig", "ModelConfig", "FitConfig", "VarianceConfig", "OutputConfig", "RunConfig", "SCHEMA",
+           "TABLE_FORMATS"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,27 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class VarianceConfig:
+    """The design-based variance keywords of :func:`torchmix.mix` (same names, same defaults)."""
+
+    se_type: Optional[str] = None
+    strata: Optional[str] = None
+    psu: Optional[str] = None
+    fpc: Union[str, float, Mapping, None] = None
+    lonely_psu: str = "error"
+    replicate_weights: Union[str, tuple, Mapping, None] = None
+    replicate_method: Optional[str] = None
+    fay_rho: Optional[float] = None
+    scale: Optional[float] = None
+    rscales: Optional[tuple] = None
+    mse: bool = True
+    jk_zone: Optional[str] = None
+    jk_rep: Optional[str] = None
+    jk_both_halves: Optional[bool] = None
+    replicate_pv: str = "all"
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where results go (``folder`` None: ``results/<config name>`` in the working folder)."""
 
@@ -71,6 +94,7 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     fit: FitConfig = field(default_factory=FitConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     source: Optional[Path] = None
 
@@ -114,6 +138,7 @@ class RunConfig:
 
         kw = {k: _plain(v) for k, v in _fields(self.model).items() if k != "formula"}
         kw.update({k: _plain(v) for k, v in _fields(self.fit).items()})
+        kw.update({k: _plain(v) for k, v in _fields(self.variance).items()})
         kw["dtype"] = getattr(torch, self.fit.dtype)
         return kw
 
@@ -125,6 +150,7 @@ class RunConfig:
             "data": data,
             "model": {k: _plain(v) for k, v in _fields(self.model).items()},
             "fit": {k: _plain(v) for k, v in _fields(self.fit).items()},
+            "variance": {k: _plain(v) for k, v in _fields(self.variance).items()},
             "output": {"folder": str(self.output_folder()), "formats": list(self.output.formats)},
         }
 
@@ -180,6 +206,23 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
         "progress": _Key(_bool, doc="progress bars"),
         "deterministic": _Key(_bool, doc="deterministic algorithms (bitwise reproducible on CUDA)"),
         "start": _Key(_float_list, doc="starting values"),
+    }),
+    "variance": MappingProxyType({
+        "se_type": _Key(_nonempty_str, doc="sandwich, model, linearization or replicate"),
+        "strata": _Key(_nonempty_str, doc="stratum column"),
+        "psu": _Key(_nonempty_str, doc="primary sampling unit column"),
+        "fpc": _Key(_fpc, doc="finite-population correction: column, number or table per stratum"),
+        "lonely_psu": _Key(_nonempty_str, doc="strata with one PSU: error, remove, certainty, adjust, average"),
+        "replicate_weights": _Key(_replicate_weights, doc="replicate weight columns or pattern"),
+        "replicate_method": _Key(_nonempty_str, doc="JK1, JK2, BRR, Fay or bootstrap"),
+        "fay_rho": _Key(_unit_float, doc="Fay's rho"),
+        "scale": _Key(_positive_float, doc="replicate variance scale"),
+        "rscales": _Key(_float_list, doc="per-replicate scales"),
+        "mse": _Key(_bool, doc="deviations from the full-sample estimate"),
+        "jk_zone": _Key(_nonempty_str, doc="jackknife zone column"),
+        "jk_rep": _Key(_nonempty_str, doc="jackknife replicate indicator column"),
+        "jk_both_halves": _Key(_bool, doc="two replicates per zone"),
+        "replicate_pv": _Key(_nonempty_str, doc="replicate variance from 'all' plausible values or the 'first'"),
     }),
     "output": MappingProxyType({
         "folder": _Key(_nonempty_str, doc="output folder, relative to the config's folder"),

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Union
 
 from ..errors import ConfigError
 from .checks import _typename
-from .schema import SCHEMA, DataConfig, FitConfig, ModelConfig, OutputConfig, RunConfig
+from .schema import SCHEMA, DataConfig, FitConfig, ModelConfig, OutputConfig, RunConfig, VarianceConfig
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -124,11 +124,12 @@ def parse_config(raw: Mapping[str, Any], *, source: Optional[Union[str, Path]] =
     )
     model_cfg = ModelConfig(**_parse_section(raw, "model", where_file))
     fit_cfg = FitConfig(**_parse_section(raw, "fit", where_file))
+    var_cfg = VarianceConfig(**_parse_section(raw, "variance", where_file))
     out = _parse_section(raw, "output", where_file)
     if "folder" in out:
         out["folder"] = _resolve(out["folder"], base_dir)
     out_cfg = OutputConfig(**out)
-    return RunConfig(data=data_cfg, model=model_cfg, fit=fit_cfg, output=out_cfg,
+    return RunConfig(data=data_cfg, model=model_cfg, fit=fit_cfg, variance=var_cfg, output=out_cfg,
                      source=source.resolve() if source is not None else None)
 
 
