@@ -175,8 +175,10 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
 def _deterministic(on: bool):
     """Switch torch's deterministic algorithms on for the block (CUDA ``index_add``), then restore."""
     previous = torch.are_deterministic_algorithms_enabled()
-    if on:
-        torch.use_deterministic_algorithms(True)
+    if not on or previous:  # nothing to change (and torch's setter imports its compiler stack)
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:

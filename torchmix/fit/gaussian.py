@@ -10,14 +10,13 @@ in closed form. Standard errors:
   other parameters fixed, then the delta method to :math:`\tau_l = \operatorname{free}(\sigma^2\Lambda_l
   \Lambda_l^\top)`; the residual variance from the level-2 block.
 
-Scores are per top-level group, from ``torch.func.jacfwd`` of the vector :math:`(\ell_k)_k` of (4.3);
-Hessians from ``torch.func.hessian``.
+Scores are per top-level group, the Jacobian of the vector :math:`(\ell_k)_k` of (4.3); Jacobians
+and Hessians by reverse-mode autodiff (:mod:`~torchmix.fit.jacobians`, safe in threads).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import hessian, jacfwd
 
 from ..covariance import (diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
                           normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau)
@@ -27,6 +26,7 @@ from ..likelihood.gaussian import GaussianLikelihood
 from ..progress import progress_bar
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
+from .jacobians import hessian, jacobian
 from .optimize import minimize
 
 __all__ = ["fit_gaussian", "BOUNDARY_TOL"]
@@ -87,7 +87,7 @@ def _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, 
             return torch.cat([tau_l, s2.reshape(1)]) if l == 0 else tau_l
 
         sub = psi[idx]
-        d = jacfwd(tau_fn)(sub).detach()
+        d = jacobian(tau_fn, sub).detach()
         taus.append(tau_fn(sub).detach())
         covs.append(d @ v_psi @ d.transpose(0, 1))
         offset += k
@@ -173,9 +173,9 @@ def _standard_error_pieces(lik: GaussianLikelihood, beta, thetas, sigma, sizes):
     def ell_k(vec):
         return lik.loglik_by_group(vec[:p], _split(vec[p:-1], sizes), vec[-1])
 
-    scores = jacfwd(ell_k)(psi)
+    scores = jacobian(ell_k, psi)
     k_bb = lik.k_top(lik.integrate(thetas))[:p, :p]
-    hess_vc = hessian(lambda v: lik.loglik(beta, _split(v[:-1], sizes), v[-1]))(psi[p:])
+    hess_vc = hessian(lambda v: lik.loglik(beta, _split(v[:-1], sizes), v[-1]), psi[p:])
     return psi, scores, k_bb, hess_vc
 
 

@@ -1,10 +1,12 @@
 r"""Minimisers shared by the fitters: L-BFGS with a strong-Wolfe line search, then Newton polish.
 
-``torch.optim.LBFGS`` has no convergence flag and only absolute tolerances, so callers pass a
-*normalised* objective (divided by the total weight) and the convergence test here is made on its
-gradient explicitly. A few damped Newton steps (Hessian from central differences of the exact
-gradient) then take the optimum to machine precision when the Hessian is positive definite; warm
-starts (plausible values) try Newton first.
+The L-BFGS here (:mod:`~torchmix.fit.lbfgs`) is the algorithm of ``torch.optim.LBFGS`` written
+over a flat tensor (``torch.optim`` imports ``torch._dynamo`` when an optimiser is created, seconds
+at a cold start). It has only absolute tolerances, so callers pass a *normalised* objective
+(divided by the total weight) and the convergence test here is made on its gradient explicitly. A
+few damped Newton steps (Hessian from central differences of the exact gradient) then take the
+optimum to machine precision when the Hessian is positive definite; warm starts (plausible values)
+try Newton first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .lbfgs import LBFGSState, lbfgs_rounds
 
 __all__ = ["MinimizeResult", "minimize"]
 
@@ -30,10 +34,27 @@ class MinimizeResult:
 
 
 def _value_and_grad(f: Callable, x: torch.Tensor):
-    x = x.detach().requires_grad_(True)
-    val = f(x)
-    (g,) = torch.autograd.grad(val, x)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        val = f(x)
+        (g,) = torch.autograd.grad(val, x)
     return val.detach(), g.detach()
+
+
+class _Cached:
+    """``f`` with its value and gradient remembered at the last few points (L-BFGS evaluates the
+    accepted point inside its line search; the convergence test here reuses it)."""
+
+    def __init__(self, f: Callable, size: int = 4):
+        self.f, self.size, self.memo = f, size, []
+
+    def __call__(self, x: torch.Tensor):
+        for xm, val, g in self.memo:
+            if torch.equal(xm, x):
+                return val, g
+        val, g = _value_and_grad(self.f, x)
+        self.memo = ([(x.detach().clone(), val, g)] + self.memo)[: self.size]
+        return val, g
 
 
 def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max_iter: int = 200,
@@ -43,7 +64,7 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
 
     Parameters
     ----------
-    f : callable ``(k,) -> ()``, differentiable with autograd (and ``torch.func``).
+    f : callable ``(k,) -> ()``, differentiable with autograd.
     x0 : ``(k,)`` starting point.
     max_iter : iteration budget: L-BFGS iterations plus Newton polish steps together never exceed
         it (``iterations`` of the result counts both); a run that has used it up without passing
@@ -67,30 +88,22 @@ def minimize(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *, max
             return MinimizeResult(x=x, fun=float(val), grad_max=float(g.abs().max()),
                                   converged=bool(torch.isfinite(val)), iterations=iterations,
                                   message="converged")
-    x = x.requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=25, history_size=20, tolerance_grad=tol * 1e-3,
-                            tolerance_change=1e-16, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        val = f(x)
-        val.backward()
-        return val
-
+    fg = _Cached(f)
+    state = LBFGSState(history_size=20)
     last = float("inf")
     while iterations < max_iter:
-        opt.param_groups[0]["max_iter"] = min(25, max_iter - iterations)
-        before = opt.state[opt._params[0]].get("n_iter", 0)
-        start_val = float(opt.step(closure).detach())
-        after = opt.state[opt._params[0]].get("n_iter", 0)
+        before = state.n_iter
+        x, start_val = lbfgs_rounds(fg, x, state, max_iter=min(25, max_iter - iterations), max_eval=31,
+                                    tolerance_grad=tol * 1e-3, tolerance_change=1e-16)
+        after = state.n_iter
         iterations += max(after - before, 1)
         if progress is not None:
             progress.update(1)
-        _, g = _value_and_grad(f, x)
+        val, g = fg(x)
         if not bool(torch.isfinite(g).all()):
             message = "non-finite gradient"
             break
-        now = float(f(x.detach()))
+        now = float(val)
         if float(g.abs().max()) < tol or after == before or abs(start_val - now) <= 1e-15 * (1 + abs(now)) \
                 or now == last:
             message = "L-BFGS converged"
