@@ -33,6 +33,7 @@ from .report.call import call_text, model_options
 from .results import MixedResults
 from .surveys import resolve_survey
 from .warn import warn
+from .threads import check_num_threads, choose_threads, fit_threads, problem_work
 
 __all__ = ["mix", "Prepared"]
 
@@ -239,6 +240,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         replicate_weights=None, replicate_method: Optional[str] = None, fay_rho: Optional[float] = None,
         scale: Optional[float] = None, rscales=None, mse: bool = True, jk_zone: Optional[str] = None,
         jk_rep: Optional[str] = None, jk_both_halves: Optional[bool] = None, replicate_pv: str = "all",
+        num_threads: Optional[int] = None,
         **deprecated):
     """Fit a survey-weighted multilevel (mixed-effects) model.
 
@@ -291,6 +293,9 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         ``JKZONE``, ``JKREP``); both halves forms two replicates per zone (scale 1/2 for JK2).
     replicate_pv : with plausible values, replicate variance from ``"all"`` values (default) or the
         ``"first"`` only.
+    num_threads : torch intra-op threads for the fit (restored afterwards); None = chosen by
+        the size of the problem (one thread for small and medium problems, see
+        :mod:`~torchmix.threads`). Results do not depend on it.
 
     Returns
     -------
@@ -318,6 +323,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     call = call_text(formula, frame, weights, kwargs)
     if isinstance(weights, list):
         weights = [str(w) if isinstance(w, str) else w for w in weights]
+    num_threads = check_num_threads(num_threads)
     prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
@@ -330,11 +336,21 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     dv = resolve_design_variance(prepared.plan.materialise(data), prepared.design, prepared.plan, design_args)
     if dv is not None and dv.kind == "linearization":
         prepared.extra["meat"] = dv.meat
-    if prepared.responses is not None:
-        res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
-                                   fit_many=_fit_many if prepared.is_gaussian else None)
-    else:
-        res = _fit_one(prepared, start=start)
-    if dv is None:
-        return res
-    return apply_design_variance(res, dv, lambda t, s: _fit_tensors(prepared, t, s, progress=False), progress)
+    with fit_threads(choose_threads(_work(prepared), num_threads)):
+        if prepared.responses is not None:
+            res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
+                                       fit_many=_fit_many if prepared.is_gaussian else None)
+        else:
+            res = _fit_one(prepared, start=start)
+        if dv is None:
+            return res
+        return apply_design_variance(res, dv, lambda t, s: _fit_tensors(prepared, t, s, progress=False),
+                                     progress)
+
+
+def _work(prepared: Prepared) -> float:
+    """Size of the fit for the choice of threads (:func:`~torchmix.threads.problem_work`)."""
+    t = prepared.design.tensors
+    q = sum(lv.q for lv in t.levels)
+    nodes = 1.0 if prepared.is_gaussian else float(prepared.options["n_quad"]) ** q
+    return problem_work(t.X.shape[0], t.n_fixed, q, nodes)
