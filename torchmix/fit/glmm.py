@@ -35,6 +35,7 @@ from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .glm_start import parse_start, weighted_glm
 from .glmm_se import boundary_pattern, fd_hessian, tau_jacobian, tau_of_theta
+from .lbfgs import LBFGSState, lbfgs_rounds
 
 __all__ = ["fit_glmm", "BOUNDARY_TOL"]
 
@@ -79,23 +80,24 @@ class _Problem:
 
 def _lbfgs(prob: _Problem, psi0: torch.Tensor, scale: torch.Tensor, max_iter: int, tol: float):
     """Minimise -l/sum(w_top) over phi = psi * scale by L-BFGS; returns (psi, iterations, finite)."""
-    phi = (psi0 * scale).detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=max_iter, max_eval=max(2 * max_iter, 25), history_size=20,
-                            tolerance_grad=tol, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    phi = (psi0 * scale).detach().clone()
     state = {"finite": True}
 
-    def closure():
-        opt.zero_grad()
-        val = -prob.loglik(phi / scale).sum() / prob.w_total
-        if not bool(torch.isfinite(val)):
-            state["finite"] = False
-            return val.detach()
-        val.backward()
-        return val
+    def value_and_grad(phi):
+        # a non-finite value gets a zero gradient, so that the line search backs off
+        x = phi.detach().requires_grad_(True)
+        with torch.enable_grad():
+            val = -prob.loglik(x / scale).sum() / prob.w_total
+            if not bool(torch.isfinite(val)):
+                state["finite"] = False
+                return val.detach(), torch.zeros_like(x)
+            (g,) = torch.autograd.grad(val, x)
+        return val.detach(), g
 
-    opt.step(closure)
-    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return (phi.detach() / scale), n_iter, state["finite"]
+    memory = LBFGSState(history_size=20)
+    phi, _ = lbfgs_rounds(value_and_grad, phi, memory, max_iter=max_iter, max_eval=max(2 * max_iter, 25),
+                          tolerance_grad=tol, tolerance_change=1e-14)
+    return phi / scale, memory.n_iter, state["finite"]
 
 
 def _column_scale(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
