@@ -109,7 +109,7 @@ def _concurrent_rounds(rounds):
         for kind, o in zip(kinds, out):
             if isinstance(o, Exception):
                 failures.append(repr(o))
-            elif not np.allclose(o, ref[kind], rtol=1e-10, atol=1e-12):
+            elif not np.array_equal(o, ref[kind]):
                 mismatches.append((kind, float(np.max(np.abs(o - ref[kind])))))
     assert not failures, failures[:3]
     assert not mismatches, mismatches[:3]

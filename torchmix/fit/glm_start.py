@@ -40,7 +40,10 @@ def weighted_glm(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, family, max_
         with torch.no_grad():
             eta0 = family.link.link(family.starting_mu(y))
         if bool(torch.isfinite(eta0).all()):
-            beta = torch.linalg.lstsq(sw[:, None] * X, sw * eta0).solution
+            # driver gelsd (SVD): the default gelsy gives results that vary in the last bits when
+            # fits run concurrently in threads
+            driver = "gelsd" if X.device.type == "cpu" else None  # CUDA has "gels" only
+            beta = torch.linalg.lstsq(sw[:, None] * X, sw * eta0, driver=driver).solution
 
     def loglik(b):
         return float((w * family.logf(y, X @ b)).sum())
