@@ -29,9 +29,9 @@ from .errors import ConfigError
 __all__ = ["CROSSOVER_WORK", "problem_work", "choose_threads", "check_num_threads", "fit_threads"]
 
 #: Problem size (:func:`problem_work`) from which more than one thread is used. Measured with
-#: ``scripts/bench_threads.py`` on a 2-core x86-64 machine: one thread was as fast or faster at
-#: every size tried (gaussian up to 10^6 rows, AGQ13 logit up to 5x10^4 rows), and several times
-#: faster with other processes running; the crossover therefore sits above these sizes.
+#: ``scripts/bench_threads.py`` on a 2-core x86-64 machine: one thread was faster at every size
+#: tried (gaussian with random intercept and slope up to 10^5 rows, AGQ13 logit up to 5x10^4 rows;
+#: 5-18x faster with other processes running), so the switch is set well above these sizes.
 CROSSOVER_WORK = 2e8
 
 _lock = threading.Lock()
