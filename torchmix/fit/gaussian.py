@@ -163,7 +163,7 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
 def _standard_error_pieces(lik: GaussianLikelihood, beta, thetas, sigma, sizes):
     r"""Per-top-group scores ``(G_L, n_psi)`` over :math:`\psi = (\beta, \theta, \sigma)` and the
     Hessian blocks the sandwiches use (7.2, 7.3): :math:`\beta\beta` in closed form
-    (:math:`-K_{\beta\beta}/\sigma^2`) and :math:`(\theta, \sigma)` by ``torch.func`` at fixed
+    (:math:`-K_{\beta\beta}/\sigma^2`) and :math:`(\theta, \sigma)` by reverse-mode autodiff at fixed
     :math:`\beta`; the :math:`\beta`-:math:`(\theta,\sigma)` cross block is not used (left 0).
     Written without data-dependent branches so that it can be ``vmap``-ed over responses.
     """
