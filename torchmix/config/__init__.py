@@ -37,6 +37,7 @@ Relative paths written in the file are relative to the folder that holds the fil
     progress     = true                        # progress bars on stderr
     deterministic = false                      # true: bitwise reproducible on CUDA (slower)
     start        = [250.0, 10.0, 600.0, 30.0]  # optional starting values (beta, then tau)
+    num_threads  = 1                           # torch threads for the fit; absent: chosen by size
 
     [variance]                                 # design-based standard errors (default: sandwich)
     se_type           = "linearization"        # "sandwich", "model", "linearization", "replicate"

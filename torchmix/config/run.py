@@ -204,7 +204,7 @@ def check_run(cfg: RunConfig, data) -> str:
 
     all_kwargs = cfg.mix_kwargs()
     variance = {k: all_kwargs.pop(k) for k in _fields(cfg.variance)}
-    kwargs = {k: v for k, v in all_kwargs.items() if k != "start"}
+    kwargs = {k: v for k, v in all_kwargs.items() if k not in ("start", "num_threads")}
     kwargs["progress"] = False
     prepared = api._prepare(model.formula, data, **kwargs, call="validate")
     design = prepared.design

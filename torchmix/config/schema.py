@@ -56,6 +56,7 @@ class FitConfig:
     progress: bool = True
     deterministic: bool = False
     start: Optional[tuple] = None
+    num_threads: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
         "progress": _Key(_bool, doc="progress bars"),
         "deterministic": _Key(_bool, doc="deterministic algorithms (bitwise reproducible on CUDA)"),
         "start": _Key(_float_list, doc="starting values"),
+        "num_threads": _Key(_int_at_least(1), doc="torch intra-op threads for the fit (absent: by problem size)"),
     }),
     "variance": MappingProxyType({
         "se_type": _Key(_nonempty_str, doc="sandwich, model, linearization or replicate"),
