@@ -19,6 +19,7 @@ import torch
 from .covariance import tau_index
 from .design import Design, group_keys
 from .errors import DataError
+from .ranef_results import RanefMixin
 from .report.interface import ResultsBase
 from .tensors import FitOutput
 
@@ -93,7 +94,7 @@ def _fmt_table(df: pd.DataFrame, digits: int = 6, index: bool = True) -> str:
     return df.map(fmt).to_string(index=index)
 
 
-class MixedResults(ResultsBase):
+class MixedResults(ResultsBase, RanefMixin):
     """Results of one weighted mixed-model fit.
 
     Attributes
@@ -104,7 +105,9 @@ class MixedResults(ResultsBase):
     var_theta : DataFrame, covariance of ``varcomp``.
     lnl : weighted (pseudo) log-likelihood.
     icc, icc_level : intraclass correlations (gaussian).
-    ranef, u : dict level name -> DataFrame of random-effect predictions / spherical modes.
+    ranef, u : dict level name -> DataFrame of random-effect predictions / spherical modes;
+        ``ranef[name].std_error`` and ``ranef_se[name]``: conditional standard errors
+        (:mod:`torchmix.ranef_results`).
     correlations : Series, correlation of each random-effect covariance. The members shared
         with pooled results are listed in :mod:`torchmix.report.interface`.
     nobs, ngroups : row count and dict of group counts per level.
@@ -188,8 +191,7 @@ class MixedResults(ResultsBase):
 
     @cached_property
     def ranef(self) -> dict:
-        return {info.name: pd.DataFrame(b.cpu().numpy(), index=info.labels, columns=info.effect_names)
-                for info, b in zip(self.design.levels, self._out.b)}
+        return self._ranef_tables()
 
     @cached_property
     def u(self) -> dict:
