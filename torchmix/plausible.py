@@ -37,6 +37,7 @@ import pandas as pd
 from . import pooling
 from .errors import DataError
 from .progress import progress_bar
+from .r2_results import R2Mixin
 from .report.interface import PooledCommon
 
 __all__ = ["PooledResults", "fit_plausible_values", "warm_start"]
@@ -145,7 +146,7 @@ def _table(df: pd.DataFrame, digits: int = 5) -> str:
     return df.map(fmt).to_string()
 
 
-class PooledResults(PooledCommon):
+class PooledResults(PooledCommon, R2Mixin):
     """Results pooled over K plausible values (EdSurvey ``mixed.sdf`` with Rubin's rules).
 
     Attributes

@@ -20,6 +20,7 @@ from .covariance import tau_index
 from .design import Design
 from .errors import DataError
 from .prediction import as_frame, linear_predictor, resolve_levels
+from .r2_results import R2Mixin
 from .ranef_results import RanefMixin
 from .report.interface import ResultsBase
 from .tensors import FitOutput
@@ -95,7 +96,7 @@ def _fmt_table(df: pd.DataFrame, digits: int = 6, index: bool = True) -> str:
     return df.map(fmt).to_string(index=index)
 
 
-class MixedResults(ResultsBase, RanefMixin):
+class MixedResults(ResultsBase, RanefMixin, R2Mixin):
     """Results of one weighted mixed-model fit.
 
     Attributes
