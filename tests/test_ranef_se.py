@@ -249,3 +249,19 @@ def test_plot_ranef_draws_sorted_intervals(tmp_path):
     assert labels[0] == res.ranef["Subject"]["(Intercept)"].idxmin()
     with pytest.raises(tm.DataError, match="unknown level"):
         res.plot_ranef("School")
+
+
+def test_pooled_ranef_se_follows_rubin():
+    df = tm.load_dataset("sleepstudy")
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        df[f"pv{k}"] = df["Reaction"] + rng.normal(0, 20, len(df))
+    pooled = tm.mix("score ~ Days + (1 | Subject)", df, plausible_values={"score": ["pv0", "pv1", "pv2"]},
+                    progress=False)
+    est = np.stack([f.ranef["Subject"].to_numpy() for f in pooled.fits])
+    within = np.mean([f.ranef_se["Subject"].to_numpy() ** 2 for f in pooled.fits], axis=0)
+    total = within + (1 + 1 / 3) * est.var(axis=0, ddof=1)
+    np.testing.assert_allclose(pooled.ranef["Subject"].std_error.to_numpy(), np.sqrt(total), rtol=1e-12)
+    np.testing.assert_allclose(pooled.ranef["Subject"].to_numpy(), est.mean(0), rtol=1e-12)
+    fr = pooled.ranef_frame()
+    assert len(fr) == 18 and (fr["std_error"] > 0).all()

@@ -26,7 +26,7 @@ import pandas as pd
 from .errors import DataError
 from .ranef_posterior import Posterior, gaussian_posterior, lambdas_absolute, quadrature_posterior
 
-__all__ = ["RanefMixin", "RanefTable", "POSTERIOR_MIN_NODES", "import_pyplot"]
+__all__ = ["RanefMixin", "PooledRanefMixin", "RanefTable", "POSTERIOR_MIN_NODES", "import_pyplot", "ranef_tables"]
 
 #: The posterior moments of a non-gaussian fit use at least this many nodes per effect: the mean and
 #: SD of a skewed posterior (e.g. a group whose responses are all 0) need more nodes than its
@@ -56,59 +56,19 @@ def import_pyplot():
                           "pip install torchmix[plot]  (or pip install matplotlib)") from exc
 
 
-class RanefMixin:
-    """Random-effect uncertainty for a single fit (needs ``_out``, ``design``, ``family``, ``options``)."""
+def ranef_tables(estimates: dict, std_errors: dict) -> dict:
+    """Level name -> :class:`RanefTable` of ``estimates[name]`` with ``std_error = std_errors[name]``."""
+    out = {}
+    for name, frame in estimates.items():
+        table = RanefTable(frame.to_numpy(), index=frame.index, columns=frame.columns)
+        table.std_error = std_errors.get(name)
+        table.level = name
+        out[name] = table
+    return out
 
-    def ranef_posterior(self, n_quad: Optional[int] = None) -> Posterior:
-        r"""Posterior means and covariances of the random effects at the estimates.
 
-        Parameters
-        ----------
-        n_quad : nodes per effect for non-gaussian fits (default: the fit's ``n_quad``, at least
-            :data:`POSTERIOR_MIN_NODES`; a Laplace fit, ``n_quad=1``, gives the Laplace answer).
-            Ignored for the gaussian family (closed form).
-        """
-        out, t = self._out, self.design.tensors
-        if self.is_gaussian:
-            return gaussian_posterior(t, out.theta, out.beta, out.sigma)
-        if n_quad is None:
-            fit_nodes = int(self.options.get("n_quad") or 1)
-            n_quad = 1 if fit_nodes == 1 else max(fit_nodes, POSTERIOR_MIN_NODES)
-        lams = lambdas_absolute(out.theta, [lv.term_sizes for lv in t.levels])
-        return quadrature_posterior(t, self.family, out.beta, lams, int(n_quad), modes=out.u)
-
-    @cached_property
-    def _posterior(self) -> Posterior:
-        return self.ranef_posterior()
-
-    def _level_frames(self, tensors) -> dict:
-        return {info.name: pd.DataFrame(t.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
-                for info, t in zip(self.design.levels, tensors)}
-
-    def _ranef_tables(self) -> dict:
-        se = self.ranef_se
-        out = {}
-        for info, b in zip(self.design.levels, self._out.b):
-            table = RanefTable(b.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
-            table.std_error = se[info.name]
-            table.level = info.name
-            out[info.name] = table
-        return out
-
-    @cached_property
-    def ranef_se(self) -> dict:
-        """Level name -> DataFrame of conditional standard errors (same shape as ``ranef``)."""
-        return self._level_frames(self._posterior.sd)
-
-    @cached_property
-    def ranef_mean(self) -> dict:
-        """Level name -> DataFrame of posterior means (gaussian: the predictions themselves)."""
-        return self._level_frames(self._posterior.mean)
-
-    @cached_property
-    def ranef_cov(self) -> dict:
-        """Level name -> ``(G, q, q)`` array of posterior covariances, rows in ``ranef`` order."""
-        return {info.name: c.detach().cpu().numpy() for info, c in zip(self.design.levels, self._posterior.cov)}
+class _RanefViews:
+    """Tidy frame and caterpillar plot from ``ranef`` and ``ranef_se`` (single or pooled fits)."""
 
     def ranef_frame(self) -> pd.DataFrame:
         """Random effects in long form: level, group, id, term, estimate, std_error.
@@ -186,3 +146,79 @@ class RanefMixin:
                 a.set_ylabel(f"{len(est)} groups, sorted")
         fig.tight_layout()
         return fig
+
+
+class RanefMixin(_RanefViews):
+    """Random-effect uncertainty for a single fit (needs ``_out``, ``design``, ``family``, ``options``)."""
+
+    def ranef_posterior(self, n_quad: Optional[int] = None) -> Posterior:
+        r"""Posterior means and covariances of the random effects at the estimates.
+
+        Parameters
+        ----------
+        n_quad : nodes per effect for non-gaussian fits (default: the fit's ``n_quad``, at least
+            :data:`POSTERIOR_MIN_NODES`; a Laplace fit, ``n_quad=1``, gives the Laplace answer).
+            Ignored for the gaussian family (closed form).
+        """
+        out, t = self._out, self.design.tensors
+        if self.is_gaussian:
+            return gaussian_posterior(t, out.theta, out.beta, out.sigma)
+        if n_quad is None:
+            fit_nodes = int(self.options.get("n_quad") or 1)
+            n_quad = 1 if fit_nodes == 1 else max(fit_nodes, POSTERIOR_MIN_NODES)
+        lams = lambdas_absolute(out.theta, [lv.term_sizes for lv in t.levels])
+        return quadrature_posterior(t, self.family, out.beta, lams, int(n_quad), modes=out.u)
+
+    @cached_property
+    def _posterior(self) -> Posterior:
+        return self.ranef_posterior()
+
+    def _level_frames(self, tensors) -> dict:
+        return {info.name: pd.DataFrame(t.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
+                for info, t in zip(self.design.levels, tensors)}
+
+    def _ranef_tables(self) -> dict:
+        se = self.ranef_se
+        out = {}
+        for info, b in zip(self.design.levels, self._out.b):
+            table = RanefTable(b.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
+            table.std_error = se[info.name]
+            table.level = info.name
+            out[info.name] = table
+        return out
+
+    @cached_property
+    def ranef_se(self) -> dict:
+        """Level name -> DataFrame of conditional standard errors (same shape as ``ranef``)."""
+        return self._level_frames(self._posterior.sd)
+
+    @cached_property
+    def ranef_mean(self) -> dict:
+        """Level name -> DataFrame of posterior means (gaussian: the predictions themselves)."""
+        return self._level_frames(self._posterior.mean)
+
+    @cached_property
+    def ranef_cov(self) -> dict:
+        """Level name -> ``(G, q, q)`` array of posterior covariances, rows in ``ranef`` order."""
+        return {info.name: c.detach().cpu().numpy() for info, c in zip(self.design.levels, self._posterior.cov)}
+
+
+class PooledRanefMixin(_RanefViews):
+    r"""Random-effect SEs pooled over plausible values (needs ``fits``).
+
+    Rubin's rules per effect: :math:`T = \bar W + (1 + K^{-1})B`, :math:`\bar W` the mean of the per-value
+    posterior variances and :math:`B` the between-value variance of the predictions (:math:`B = 0` for K = 1).
+    """
+
+    @cached_property
+    def ranef_se(self) -> dict:
+        """Level name -> DataFrame of pooled conditional standard errors."""
+        k = len(self.fits)
+        out = {}
+        for name in self.fits[0].ranef_se:
+            w = sum(f.ranef_se[name] ** 2 for f in self.fits) / k
+            if k > 1:
+                est = np.stack([pd.DataFrame(f.ranef[name]).to_numpy() for f in self.fits])
+                w = w + (1.0 + 1.0 / k) * est.var(axis=0, ddof=1)
+            out[name] = np.sqrt(w)
+        return out
