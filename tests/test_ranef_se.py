@@ -265,3 +265,15 @@ def test_pooled_ranef_se_follows_rubin():
     np.testing.assert_allclose(pooled.ranef["Subject"].to_numpy(), est.mean(0), rtol=1e-12)
     fr = pooled.ranef_frame()
     assert len(fr) == 18 and (fr["std_error"] > 0).all()
+
+
+def test_two_level_slopes_closed_form_equals_quadrature():
+    res = tm.mix("Reaction ~ Days + (1 + Days | Subject)", sleepstudy_weighted(), weights=["w1", "w2"],
+                 progress=False)
+    o, t = res._out, res.design.tensors
+    closed = gaussian_posterior(t, o.theta, o.beta, o.sigma)
+    lams = lambdas_absolute(o.theta, [lv.term_sizes for lv in t.levels], o.sigma)
+    quad = quadrature_posterior(t, get_family("gaussian"), o.beta, lams, 4,
+                                kappa=torch.tensor(o.sigma ** 2, dtype=torch.float64))
+    np.testing.assert_allclose(quad.cov[0].numpy(), closed.cov[0].numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(quad.mean[0].numpy(), closed.mean[0].numpy(), rtol=1e-9, atol=1e-8)

@@ -28,10 +28,12 @@ from .ranef_posterior import Posterior, gaussian_posterior, lambdas_absolute, qu
 
 __all__ = ["RanefMixin", "PooledRanefMixin", "RanefTable", "POSTERIOR_MIN_NODES", "import_pyplot", "ranef_tables"]
 
-#: The posterior moments of a non-gaussian fit use at least this many nodes per effect: the mean and
-#: SD of a skewed posterior (e.g. a group whose responses are all 0) need more nodes than its
-#: normalising constant (21 nodes reach 1e-7 where 13 leave 5e-5 on such groups).
+#: The posterior moments of a non-gaussian fit use at least this many nodes per effect when a group's
+#: path holds at most two random effects (``MAX_RAISED_DIM``): the mean and SD of a skewed posterior
+#: (e.g. a group whose responses are all 0) need more nodes than its normalising constant (21 nodes
+#: reach 1e-7 where 13 leave 5e-5 on such groups). Larger models keep the fit's rule (cost M^q).
 POSTERIOR_MIN_NODES = 21
+MAX_RAISED_DIM = 2
 
 
 class RanefTable(pd.DataFrame):
@@ -156,8 +158,9 @@ class RanefMixin(_RanefViews):
 
         Parameters
         ----------
-        n_quad : nodes per effect for non-gaussian fits (default: the fit's ``n_quad``, at least
-            :data:`POSTERIOR_MIN_NODES`; a Laplace fit, ``n_quad=1``, gives the Laplace answer).
+        n_quad : nodes per effect for non-gaussian fits (default: the fit's ``n_quad``, raised to
+            :data:`POSTERIOR_MIN_NODES` when the levels hold at most :data:`MAX_RAISED_DIM` effects
+            together; a Laplace fit, ``n_quad=1``, gives the Laplace answer).
             Ignored for the gaussian family (closed form).
         """
         out, t = self._out, self.design.tensors
@@ -165,7 +168,8 @@ class RanefMixin(_RanefViews):
             return gaussian_posterior(t, out.theta, out.beta, out.sigma)
         if n_quad is None:
             fit_nodes = int(self.options.get("n_quad") or 1)
-            n_quad = 1 if fit_nodes == 1 else max(fit_nodes, POSTERIOR_MIN_NODES)
+            dim = sum(lv.q for lv in t.levels)
+            n_quad = fit_nodes if fit_nodes == 1 or dim > MAX_RAISED_DIM else max(fit_nodes, POSTERIOR_MIN_NODES)
         lams = lambdas_absolute(out.theta, [lv.term_sizes for lv in t.levels])
         return quadrature_posterior(t, self.family, out.beta, lams, int(n_quad), modes=out.u)
 
