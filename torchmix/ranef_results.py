@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .errors import DataError
 from .ranef_posterior import Posterior, gaussian_posterior, lambdas_absolute, quadrature_posterior
@@ -208,21 +209,49 @@ class RanefMixin(_RanefViews):
 
 
 class PooledRanefMixin(_RanefViews):
-    r"""Random-effect SEs pooled over plausible values (needs ``fits``).
+    r"""Random-effect uncertainty pooled over plausible values (needs ``fits``).
 
-    Rubin's rules per effect: :math:`T = \bar W + (1 + K^{-1})B`, :math:`\bar W` the mean of the per-value
-    posterior variances and :math:`B` the between-value variance of the predictions (:math:`B = 0` for K = 1).
+    Rubin's rules per group: :math:`T = \bar W + (1 + K^{-1})B`, :math:`\bar W` the mean of the per-value
+    posterior covariances and :math:`B` the between-value covariance of the predictions (:math:`B = 0`
+    for K = 1); the pooled prediction is the mean of the per-value predictions (``ranef``).
     """
+
+    def ranef_posterior(self, n_quad: Optional[int] = None) -> Posterior:
+        """Pooled posterior: mean of the per-value posterior means, Rubin's total covariance."""
+        posts = [f.ranef_posterior(n_quad) for f in self.fits]
+        k = len(posts)
+        means, covs = [], []
+        for lvl in range(len(posts[0].mean)):
+            means.append(sum(p.mean[lvl] for p in posts) / k)
+            cov = sum(p.cov[lvl] for p in posts) / k
+            if k > 1:
+                est = torch.stack([f._out.b[lvl].to(cov) for f in self.fits])  # (K, G, q)
+                d = est - est.mean(0)
+                cov = cov + (1.0 + 1.0 / k) * torch.einsum("kgq,kgr->gqr", d, d) / (k - 1)
+            covs.append(cov)
+        return Posterior(mean=means, cov=covs)
+
+    @cached_property
+    def _posterior(self) -> Posterior:
+        return self.ranef_posterior()
+
+    def _level_frames(self, tensors) -> dict:
+        levels = self.fits[0].design.levels
+        return {info.name: pd.DataFrame(t.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
+                for info, t in zip(levels, tensors)}
 
     @cached_property
     def ranef_se(self) -> dict:
         """Level name -> DataFrame of pooled conditional standard errors."""
-        k = len(self.fits)
-        out = {}
-        for name in self.fits[0].ranef_se:
-            w = sum(f.ranef_se[name] ** 2 for f in self.fits) / k
-            if k > 1:
-                est = np.stack([pd.DataFrame(f.ranef[name]).to_numpy() for f in self.fits])
-                w = w + (1.0 + 1.0 / k) * est.var(axis=0, ddof=1)
-            out[name] = np.sqrt(w)
-        return out
+        return self._level_frames(self._posterior.sd)
+
+    @cached_property
+    def ranef_mean(self) -> dict:
+        """Level name -> DataFrame of pooled posterior means."""
+        return self._level_frames(self._posterior.mean)
+
+    @cached_property
+    def ranef_cov(self) -> dict:
+        """Level name -> ``(G, q, q)`` array of pooled (Rubin) posterior covariances."""
+        levels = self.fits[0].design.levels
+        return {info.name: c.detach().cpu().numpy() for info, c in zip(levels, self._posterior.cov)}
