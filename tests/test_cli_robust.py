@@ -154,7 +154,7 @@ def test_interrupt_while_writing_keeps_the_earlier_results(earlier_run, fake_mix
     real = outputs._write_table
 
     def interrupted(table, folder, stem, formats):
-        written = real(table, folder, stem, formats)
+        real(table, folder, stem, formats)
         if how == "keyboard":
             raise KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGTERM if how == "sigterm" else signal.SIGINT)

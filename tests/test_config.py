@@ -94,6 +94,7 @@ scaling = "A"
 survey = "PISA"
 edsurvey_compat = true
 plausible_values = { y = ["p1", "p2"] }
+offset = "lexp"
 [fit]
 max_iter = 50
 tol = 1
@@ -133,7 +134,8 @@ formats = ["json", "csv", "json"]
     assert kw == {
         "weights": ["w1", "w2"], "cweights": True, "family": "binomial", "link": "probit", "n_quad": 7,
         "center_group": {"g": ["x"], "h": ["z"]}, "center_grand": ["x"], "scaling": "A", "survey": "PISA",
-        "edsurvey_compat": True, "plausible_values": {"y": ["p1", "p2"]}, "max_iter": 50, "tol": 1.0,
+        "edsurvey_compat": True, "plausible_values": {"y": ["p1", "p2"]}, "offset": "lexp", "max_iter": 50,
+        "tol": 1.0,
         "small_sample": "none", "device": "cpu", "dtype": torch.float32, "progress": False, "deterministic": True,
         "start": [1.0, 2.5], "num_threads": 2, "se_type": "replicate", "strata": "st", "psu": "ps", "fpc": {"a": 0.1, "b": 0.2},
         "lonely_psu": "adjust", "replicate_weights": {"w1": ["r1", "r2"]}, "replicate_method": "Fay",

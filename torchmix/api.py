@@ -107,7 +107,7 @@ def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.
 def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", link=None, n_quad=13,
              center_group=None, center_grand=None, scaling=None, survey=None, edsurvey_compat=False,
              plausible_values=None, max_iter=200, tol=1e-8, small_sample="G/(G-1)", device="cpu",
-             dtype=torch.float64, progress=True, deterministic=False, call="") -> Prepared:
+             dtype=torch.float64, progress=True, deterministic=False, call="", offset=None) -> Prepared:
     """Check arguments, resolve the family and the weighting plan, and build the design once."""
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
@@ -152,7 +152,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
     positional = data_w.set_axis(pd.RangeIndex(len(data_w)), axis=0)
     design = build_design(parsed, positional, list(plan.weights) if plan.weights else None, cweights=plan.cweights,
                           center_group=center_group, center_grand=center_grand,
-                          extra_columns=list(pv_cols or []), scaler=scaler, dtype=dt, device=dev)
+                          extra_columns=list(pv_cols or []), scaler=scaler, dtype=dt, device=dev, offset=offset)
     rows = design.row_index.to_numpy()
     design.row_index = data.index[rows]
     if plan.scaling is None and (survey is not None or edsurvey_compat) and plan.note:
@@ -241,6 +241,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         scale: Optional[float] = None, rscales=None, mse: bool = True, jk_zone: Optional[str] = None,
         jk_rep: Optional[str] = None, jk_both_halves: Optional[bool] = None, replicate_pv: str = "all",
         num_threads: Optional[int] = None,
+        offset: Optional[str] = None,
         **deprecated):
     """Fit a survey-weighted multilevel (mixed-effects) model.
 
@@ -296,6 +297,8 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     num_threads : torch intra-op threads for the fit (restored afterwards); None = chosen by
         the size of the problem (one thread for small and medium problems, see
         :mod:`~torchmix.threads`). Results do not depend on it.
+    offset : name of a numeric column added to the linear predictor with coefficient 1 (as
+        ``offset(...)`` terms of the formula, e.g. ``offset(log(n))``; several offsets add up).
 
     Returns
     -------
@@ -328,7 +331,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
-                        deterministic=deterministic, call=call)
+                        deterministic=deterministic, call=call, offset=offset)
     design_args = dict(se_type=se_type, strata=strata, psu=psu, fpc=fpc, lonely_psu=lonely_psu,
                        replicate_weights=replicate_weights, replicate_method=replicate_method, fay_rho=fay_rho,
                        scale=scale, rscales=rscales, mse=mse, jk_zone=jk_zone, jk_rep=jk_rep,

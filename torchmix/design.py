@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .centering import Centering, center_data
 from .errors import DataError, DataWarning, FormulaError, WeightError
 from .formula import ParsedFormula
+from .offsets import OffsetSpec, offset_spec
 from .tensors import LevelTensors, ModelTensors
 from .warn import warn
 from .weights import group_constant, to_conditional, to_unconditional, weight_columns, weight_stats
@@ -74,6 +76,8 @@ class Design:
     cweights: bool
     y_raw: np.ndarray            # response values as found (before family validation)
     notes: list = field(default_factory=list)  # human-readable notes (scaling applied, ...)
+    centering: Centering = field(default_factory=Centering)  # training means, re-applied by predict
+    offset: OffsetSpec = field(default_factory=OffsetSpec)   # offset terms, re-evaluated by predict
 
     @property
     def n_levels(self) -> int:
@@ -149,50 +153,9 @@ def _aliased_columns(x: np.ndarray, w: np.ndarray, tol: float = 1e-9) -> list[in
     return aliased
 
 
-def _center(data: pd.DataFrame, w1: np.ndarray, center_group, center_grand, groups: dict) -> pd.DataFrame:
-    """Weighted group- then grand-mean centering of numeric columns (MATH.md 9)."""
-    if not center_group and not center_grand:
-        return data
-    data = data.copy()
-
-    def check_vars(vars_, arg):
-        if isinstance(vars_, str):
-            vars_ = [v.strip() for v in vars_.lstrip("~").split("+")]
-        if not isinstance(vars_, (list, tuple)):
-            raise DataError(f"{arg} must list column names, got {vars_!r}")
-        for v in vars_:
-            if v not in data.columns:
-                raise DataError(f"{arg}: column {v!r} not found in data")
-            if not pd.api.types.is_numeric_dtype(data[v]):
-                raise DataError(f"{arg}: column {v!r} is not numeric and cannot be centred")
-        return list(vars_)
-
-    if center_group:
-        if not isinstance(center_group, dict):
-            raise DataError("center_group must map a grouping factor to a list of columns, "
-                            f"e.g. {{'school': ['ses']}}, got {center_group!r}")
-        for gname, vars_ in center_group.items():
-            gvars = tuple(s.strip() for s in gname.replace("/", ":").split(":"))
-            key = ":".join(gvars)
-            if key not in groups:
-                raise DataError(f"center_group: {gname!r} is not a grouping factor of the model "
-                                f"(grouping factors: {', '.join(map(repr, groups))})")
-            codes = groups[key]
-            for v in check_vars(vars_, "center_group"):
-                x = data[v].to_numpy(dtype=float)
-                num = np.bincount(codes, weights=w1 * x)
-                den = np.bincount(codes, weights=w1)
-                data[v] = x - (num / den)[codes]
-    if center_grand:
-        for v in check_vars(center_grand, "center_grand"):
-            x = data[v].to_numpy(dtype=float)
-            data[v] = x - np.sum(w1 * x) / np.sum(w1)
-    return data
-
-
 def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cweights: bool = False,
                  center_group=None, center_grand=None, extra_columns: Sequence[str] = (),
-                 scaler=None, dtype=torch.float64, device="cpu") -> Design:
+                 scaler=None, dtype=torch.float64, device="cpu", offset=None) -> Design:
     """Clean the data and build the design of a mixed model.
 
     Parameters
@@ -206,6 +169,8 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
     scaler : optional callable ``(w1, w2, codes2, conditional_input) -> conditional w1``
         applied to the level-1 weights after cleaning (survey scaling, MATH.md 3); when given,
         the level-1 weights become conditional.
+    offset : optional column name whose values are added to the linear predictor (with any
+        ``offset(...)`` terms of the formula; :mod:`torchmix.offsets`).
 
     Raises
     ------
@@ -215,6 +180,8 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     wcols = weight_columns(weights, data)
     needed = _required_columns(parsed, data)
+    off_spec = offset_spec(parsed, offset)
+    needed += [c for c in off_spec.required_columns() if c not in needed]
     unknown = [c for c in list(needed) + list(extra_columns) if c not in data.columns]
     if unknown:
         raise FormulaError(f"column(s) not found in data: {', '.join(map(repr, unknown))} "
@@ -304,8 +271,9 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         notes.append(note)
 
     # 5. centering
-    groups = {nm: coded[nm][0] for nm in order}
-    clean = _center(clean, uncond[0], center_group, center_grand, groups)
+    off = off_spec.evaluate(clean)  # on the uncentred values
+    groups = {nm: (coded[nm][0], coded[nm][1], factors[nm]) for nm in order}
+    clean, centering = center_data(clean, uncond[0], center_group, center_grand, groups)
 
     # 6. model matrices
     fixed_mm = _model_matrix(parsed.fixed if parsed.fixed.strip() else "1", clean, "fixed-effect")
@@ -372,10 +340,11 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         y_num = np.array(y_raw, dtype=float)
     tensors = ModelTensors(X=torch.as_tensor(x, **tkw), y=torch.as_tensor(y_num, **tkw),
                            w1_cond=torch.as_tensor(cond[0], **tkw), w1_uncond=torch.as_tensor(uncond[0], **tkw),
-                           levels=tuple(level_tensors))
+                           levels=tuple(level_tensors),
+                           offset=None if off is None else torch.as_tensor(off, **tkw))
     return Design(tensors=tensors, parsed=parsed, response=parsed.response,
                   fixed_names=[all_names[j] for j in kept], all_fixed_names=all_names,
                   aliased=[all_names[j] for j in aliased], fixed_spec=fixed_mm.model_spec, levels=levels_info,
                   row_index=clean.index, n_dropped_missing=n_missing, n_dropped_weight=n_wdrop,
                   weight_columns=wcols, weight_stats=weight_stats(uncond), cweights=bool(cweights),
-                  y_raw=np.asarray(y_raw), notes=notes)
+                  y_raw=np.asarray(y_raw), notes=notes, centering=centering, offset=off_spec)

@@ -44,6 +44,7 @@ class ParsedFormula:
     response: str
     fixed: str
     random: tuple
+    offsets: tuple = ()  # expressions of top-level offset(...) terms, e.g. ("log(n)",)
 
     @property
     def group_names(self) -> list[str]:
@@ -145,10 +146,15 @@ def parse_formula(formula: str) -> ParsedFormula:
     if len(sides) != 2 or not sides[0].strip() or not sides[1].strip():
         raise FormulaError(f"formula {formula!r} must have the form 'response ~ terms'")
     response, rhs = sides[0].strip(), sides[1]
-    fixed, random = [], []
+    fixed, random, offsets = [], [], []
     for sign, item in _split_signed(rhs):
         if not item:
             raise FormulaError(f"empty term in formula {formula!r}")
+        if item.startswith("offset") and _wrapped(item[6:].strip()):  # offset(expr): a known term of eta
+            if sign == "-":
+                raise FormulaError(f"offset term {item!r} cannot be subtracted in {formula!r}")
+            offsets.append(item[6:].strip()[1:-1].strip())
+            continue
         if _wrapped(item):
             inner = item[1:-1]
             bars = _split_top(inner, "|")
@@ -176,4 +182,4 @@ def parse_formula(formula: str) -> ParsedFormula:
             f"formula {formula!r} has no random-effect term such as '(1 | group)'; "
             "a single-level model is a survey GLM, not a mixed model")
     return ParsedFormula(formula=formula, response=response, fixed=_join_signed(fixed),
-                         random=tuple(random))
+                         random=tuple(random), offsets=tuple(offsets))

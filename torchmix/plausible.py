@@ -37,6 +37,8 @@ import pandas as pd
 from . import pooling
 from .errors import DataError
 from .progress import progress_bar
+from .r2_results import R2Mixin
+from .ranef_results import PooledRanefMixin, ranef_tables
 from .report.interface import PooledCommon
 
 __all__ = ["PooledResults", "fit_plausible_values", "warm_start"]
@@ -145,7 +147,7 @@ def _table(df: pd.DataFrame, digits: int = 5) -> str:
     return df.map(fmt).to_string()
 
 
-class PooledResults(PooledCommon):
+class PooledResults(PooledCommon, R2Mixin, PooledRanefMixin):
     """Results pooled over K plausible values (EdSurvey ``mixed.sdf`` with Rubin's rules).
 
     Attributes
@@ -315,16 +317,17 @@ class PooledResults(PooledCommon):
         for name in self.fits[0].ranef:
             frames = [f.ranef[name] for f in self.fits]
             out[name] = sum(frames[1:], frames[0]) / len(frames)
-        return out
+        return ranef_tables(out, self.ranef_se)
 
     @cached_property
     def wgt_stats(self):
         return getattr(self.fits[0], "wgt_stats", None)
 
     def predict(self, newdata: Optional[pd.DataFrame] = None, type: str = "link",
-                allow_new_levels: bool = False) -> pd.Series:
+                allow_new_levels: bool = False, include_random=True) -> pd.Series:
         """Mean over the K fits of their predictions (arguments as ``MixedResults.predict``)."""
-        preds = [f.predict(newdata, type=type, allow_new_levels=allow_new_levels) for f in self.fits]
+        preds = [f.predict(newdata, type=type, allow_new_levels=allow_new_levels, include_random=include_random)
+                 for f in self.fits]
         return (sum(preds[1:], preds[0]) / len(preds)).rename("predicted")
 
     def wald_test(self, terms=None, type: str = "beta", hypothesis=None):

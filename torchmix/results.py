@@ -17,8 +17,11 @@ import pandas as pd
 import torch
 
 from .covariance import tau_index
-from .design import Design, group_keys
+from .design import Design
 from .errors import DataError
+from .prediction import as_frame, linear_predictor, resolve_levels
+from .r2_results import R2Mixin
+from .ranef_results import RanefMixin
 from .report.interface import ResultsBase
 from .tensors import FitOutput
 
@@ -93,7 +96,7 @@ def _fmt_table(df: pd.DataFrame, digits: int = 6, index: bool = True) -> str:
     return df.map(fmt).to_string(index=index)
 
 
-class MixedResults(ResultsBase):
+class MixedResults(ResultsBase, RanefMixin, R2Mixin):
     """Results of one weighted mixed-model fit.
 
     Attributes
@@ -104,7 +107,9 @@ class MixedResults(ResultsBase):
     var_theta : DataFrame, covariance of ``varcomp``.
     lnl : weighted (pseudo) log-likelihood.
     icc, icc_level : intraclass correlations (gaussian).
-    ranef, u : dict level name -> DataFrame of random-effect predictions / spherical modes.
+    ranef, u : dict level name -> DataFrame of random-effect predictions / spherical modes;
+        ``ranef[name].std_error`` and ``ranef_se[name]``: conditional standard errors
+        (:mod:`torchmix.ranef_results`).
     correlations : Series, correlation of each random-effect covariance. The members shared
         with pooled results are listed in :mod:`torchmix.report.interface`.
     nobs, ngroups : row count and dict of group counts per level.
@@ -188,8 +193,7 @@ class MixedResults(ResultsBase):
 
     @cached_property
     def ranef(self) -> dict:
-        return {info.name: pd.DataFrame(b.cpu().numpy(), index=info.labels, columns=info.effect_names)
-                for info, b in zip(self.design.levels, self._out.b)}
+        return self._ranef_tables()
 
     @cached_property
     def u(self) -> dict:
@@ -291,13 +295,22 @@ class MixedResults(ResultsBase):
             return eta
         return self.family.linkinv(torch.as_tensor(eta, dtype=torch.float64)).numpy()
 
-    def fitted(self, type: str = "link") -> pd.Series:
-        """Fitted values for the rows used in the fit, indexed by their original labels."""
+    def fitted(self, type: str = "link", include_random=True) -> pd.Series:
+        """Fitted values for the rows used in the fit, indexed by their original labels.
+
+        ``include_random``: True (default), False (population level: random effects 0) or the
+        names of the grouping factors whose effects to include. The offset is always included.
+        """
+        if type not in ("link", "response"):
+            raise DataError(f"type must be 'link' or 'response', got {type!r}")
         t = self.design.tensors
-        beta = self._out.beta.to(t.X.device)
-        eta = t.X @ beta
-        for lv, b in zip(t.levels, self._out.b):
-            eta = eta + (lv.Z * b.to(t.X.device)[lv.group]).sum(1)
+        levels = resolve_levels(self.design, include_random)
+        eta = t.X @ self._out.beta.to(t.X.device)
+        if t.offset is not None:
+            eta = eta + t.offset
+        for info, lv, b in zip(self.design.levels, t.levels, self._out.b):
+            if info.name in levels:
+                eta = eta + (lv.Z * b.to(t.X.device)[lv.group]).sum(1)
         eta = eta.cpu().numpy()
         vals = eta if type == "link" else self._linkinv(eta)
         return pd.Series(vals, index=self.design.row_index, name="fitted")
@@ -307,62 +320,39 @@ class MixedResults(ResultsBase):
         y = self.design.tensors.y.cpu().numpy()
         return pd.Series(y - self.fitted("response").to_numpy(), index=self.design.row_index, name="resid")
 
-    def predict(self, newdata: Optional[pd.DataFrame] = None, type: str = "link",
-                allow_new_levels: bool = False) -> pd.Series:
-        r"""Predictions :math:`\hat\eta_i = x_i^\top\hat\beta + \sum_l z^{(l)\top}_i\hat b^{(l)}_{g_l(i)}`.
+    def predict(self, newdata=None, type: str = "link", allow_new_levels: bool = False,
+                include_random=True) -> pd.Series:
+        r"""Predictions :math:`\hat\eta_i = x_i^\top\hat\beta + o_i + \sum_l z^{(l)\top}_i\hat b^{(l)}_{g_l(i)}`.
 
         Parameters
         ----------
-        newdata : DataFrame or None (None: fitted values of the fit's rows).
+        newdata : DataFrame, dict of columns, or None (None: fitted values of the fit's rows). Its
+            variables are on the original scale: the training centering means and the offset are
+            applied here (:mod:`torchmix.prediction`).
         type : ``"link"`` or ``"response"`` (applies the inverse link).
         allow_new_levels : a group id not seen in fitting is an error unless True; then its
             random effects are 0.
+        include_random : True (default) includes every level's random effects; False gives
+            population-level predictions (random effects 0, like lme4's ``re.form = NA``); a
+            list of grouping-factor names includes only those levels.
 
         Returns
         -------
-        Series aligned to ``newdata``'s rows (NaN where predictors are missing).
+        Series aligned to ``newdata``'s rows (NaN where a needed value is missing).
+
+        Raises
+        ------
+        DataError for a missing column, a factor level or group not seen in fitting.
         """
         if type not in ("link", "response"):
             raise DataError(f"type must be 'link' or 'response', got {type!r}")
         if newdata is None:
-            return self.fitted(type)
-        if not isinstance(newdata, pd.DataFrame):
-            raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
-        d = self.design
-        needed = set()
-        for info in d.levels:
-            needed.update(info.group_vars)
-        fixed_vars = set(d.fixed_spec.required_variables) if hasattr(d.fixed_spec, "required_variables") else set()
-        for info in d.levels:
-            for _, spec, _ in info.term_specs:
-                if hasattr(spec, "required_variables"):
-                    fixed_vars.update(spec.required_variables)
-        missing_cols = sorted(c for c in needed | fixed_vars if c not in newdata.columns)
-        if missing_cols:
-            raise DataError(f"newdata lacks column(s) {missing_cols}")
-        ok = newdata[sorted(needed | fixed_vars)].notna().all(axis=1).to_numpy()
-        nd = newdata.loc[ok]
-        out = np.full(len(newdata), np.nan)
-        if len(nd):
-            x = np.asarray(d.fixed_spec.get_model_matrix(nd, na_action="ignore"), dtype=float)
-            keep = [d.all_fixed_names.index(n) for n in d.fixed_names]
-            eta = x[:, keep] @ self._out.beta.cpu().numpy()
-            for info, b in zip(d.levels, self._out.b):
-                keys = group_keys(nd, info.group_vars)
-                codes = info.labels.get_indexer(keys)
-                new = codes < 0
-                if new.any() and not allow_new_levels:
-                    raise DataError(f"newdata has {int(new.sum())} row(s) in group(s) of {info.name!r} not seen "
-                                    f"in fitting (e.g. {list(pd.unique(keys[new]))[:5]}); pass "
-                                    "allow_new_levels=True to predict them with random effects 0")
-                zs = [np.asarray(spec.get_model_matrix(nd, na_action="ignore"), dtype=float)[:, sl]
-                      for _, spec, sl in info.term_specs]
-                z = np.concatenate(zs, axis=1)
-                bn = b.cpu().numpy()
-                contrib = (z * bn[np.where(new, 0, codes)]).sum(1)
-                eta = eta + np.where(new, 0.0, contrib)
-            out[ok] = eta if type == "link" else self._linkinv(eta)
-        return pd.Series(out, index=newdata.index, name="predicted")
+            return self.fitted(type, include_random=include_random).rename("predicted")
+        nd = as_frame(newdata)
+        eta = linear_predictor(self.design, self._out.beta.cpu().numpy(), [b.cpu().numpy() for b in self._out.b],
+                               nd, allow_new_levels=allow_new_levels, include_random=include_random)
+        out = eta if type == "link" else np.where(np.isnan(eta), np.nan, self._linkinv(np.nan_to_num(eta)))
+        return pd.Series(out, index=nd.index, name="predicted")
 
     # ------------------------------------------------------------------ tests
     def wald_test(self, terms: Optional[Sequence[str]] = None, type: str = "beta",

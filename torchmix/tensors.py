@@ -68,6 +68,8 @@ class ModelTensors:
     w1_cond : tensor ``(N,)`` conditional level-1 weight :math:`w_{i\mid j}`.
     w1_uncond : tensor ``(N,)`` unconditional level-1 weight :math:`w^{(1)}_i`.
     levels : tuple of :class:`LevelTensors`, level 2 first.
+    offset : tensor ``(N,)`` or None, a known term added to the linear predictor
+        (:math:`\eta = X\beta + Zb + \text{offset}`).
     """
 
     X: torch.Tensor
@@ -75,6 +77,7 @@ class ModelTensors:
     w1_cond: torch.Tensor
     w1_uncond: torch.Tensor
     levels: tuple
+    offset: Optional[torch.Tensor] = None
 
     @property
     def n_obs(self) -> int:
@@ -121,7 +124,8 @@ class ModelTensors:
             for lv in self.levels
         )
         return ModelTensors(
-            X=mv(self.X), y=mv(self.y), w1_cond=mv(self.w1_cond), w1_uncond=mv(self.w1_uncond), levels=levels
+            X=mv(self.X), y=mv(self.y), w1_cond=mv(self.w1_cond), w1_uncond=mv(self.w1_uncond), levels=levels,
+            offset=mv(self.offset),
         )
 
 

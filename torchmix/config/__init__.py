@@ -27,6 +27,7 @@ Relative paths written in the file are relative to the folder that holds the fil
     survey           = "PISA"                  # survey preset (weight columns and scaling)
     edsurvey_compat  = false                   # reproduce EdSurvey's own behaviour
     plausible_values = { math = ["PV1MATH", "PV2MATH", "PV3MATH"] }
+    offset           = "log_exposure"          # column added to the linear predictor (coefficient 1)
 
     [fit]
     max_iter     = 200

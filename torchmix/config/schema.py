@@ -42,6 +42,7 @@ class ModelConfig:
     survey: Optional[str] = None
     edsurvey_compat: bool = False
     plausible_values: Optional[Mapping[str, tuple]] = None
+    offset: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
         "survey": _Key(_nonempty_str, doc="survey preset"),
         "edsurvey_compat": _Key(_bool, doc="EdSurvey compatibility"),
         "plausible_values": _Key(_table_of_str_lists, doc="outcome -> plausible-value columns"),
+        "offset": _Key(_nonempty_str, doc="column added to the linear predictor with coefficient 1"),
     }),
     "fit": MappingProxyType({
         "max_iter": _Key(_int_at_least(1), doc="optimiser iterations"),

@@ -19,20 +19,21 @@ __all__ = ["weighted_glm", "parse_start"]
 
 
 def weighted_glm(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, family, max_iter: int = 50,
-                 tol: float = 1e-10) -> torch.Tensor:
+                 tol: float = 1e-10, offset=None) -> torch.Tensor:
     r"""Weighted GLM estimate of :math:`\beta` (no random effects).
 
     Starts from the least-squares fit of :math:`h^{-1}(\mu_0)` on :math:`X` (``family.starting_mu``)
     when the link implements ``link(mu)``, else from :math:`\beta=0`; then Fisher scoring
     :math:`\beta\leftarrow\beta+(X^\top WX)^{-1}X^\top(w\,\partial_\eta\log f)` with halving until the
     weighted log-likelihood increases. Separated data stop at the iteration cap (the random-effects
-    fit then takes over).
+    fit then takes over). ``offset`` (``(N,)`` or None) is added to :math:`X\beta`.
 
     Returns
     -------
     tensor ``(p,)``
     """
     p = X.shape[1]
+    off = 0.0 if offset is None else offset
     eye = torch.eye(p, dtype=X.dtype, device=X.device)
     sw = w.sqrt()
     beta = torch.zeros(p, dtype=X.dtype, device=X.device)
@@ -43,17 +44,17 @@ def weighted_glm(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, family, max_
             # driver gelsd (SVD): the default gelsy gives results that vary in the last bits when
             # fits run concurrently in threads
             driver = "gelsd" if X.device.type == "cpu" else None  # CUDA has "gels" only
-            beta = torch.linalg.lstsq(sw[:, None] * X, sw * eta0, driver=driver).solution
+            beta = torch.linalg.lstsq(sw[:, None] * X, sw * (eta0 - off), driver=driver).solution
 
     def loglik(b):
-        return float((w * family.logf(y, X @ b)).sum())
+        return float((w * family.logf(y, X @ b + off)).sum())
 
     val = loglik(beta)
     if val != val:  # NaN start: fall back to zero
         beta = torch.zeros_like(beta)
         val = loglik(beta)
     for _ in range(max_iter):
-        eta = X @ beta
+        eta = X @ beta + off
         grad = X.transpose(0, 1) @ (w * family.d1(y, eta))
         info = X.transpose(0, 1) @ ((w * family.fisher_w(eta))[:, None] * X)
         scale = float(info.diagonal().abs().max()) if p else 1.0

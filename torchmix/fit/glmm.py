@@ -223,7 +223,7 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         beta0, thetas0 = parse_start(start, p, term_sizes, dtype=dt, device=dev)
         psi = _nudge(torch.cat([beta0] + thetas0), p, term_sizes)
     else:
-        beta0 = weighted_glm(X, tensors.y, tensors.w1_uncond, family)
+        beta0 = weighted_glm(X, tensors.y, tensors.w1_uncond, family, offset=tensors.offset)
         psi = torch.cat([beta0] + [identity_theta(ts, dtype=dt, device=dev) for ts in term_sizes])
     iterations, lnl_laplace, evals_laplace = 0, None, 0
     if start is None and n_quad > 1:

@@ -120,6 +120,7 @@ class AGQLogLik(nn.Module):
         dt, dev = tensors.X.dtype, tensors.X.device
         lv2 = tensors.levels[0]
         self.register_buffer("X", tensors.X, persistent=False)
+        self.register_buffer("offset", tensors.offset, persistent=False)  # None or (N,)
         self.register_buffer("y", tensors.y, persistent=False)
         self.register_buffer("w1", tensors.w1_cond, persistent=False)
         self.register_buffer("g2", lv2.group, persistent=False)
@@ -189,7 +190,8 @@ class AGQLogLik(nn.Module):
     def pieces(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor]):
         r""":math:`\eta^0 = X\beta` and :math:`\tilde Z^{(l)} = Z^{(l)}\Lambda_l` from parameters."""
         zs = [self.Z2] + ([self.Z3] if self.n_levels == 3 else [])
-        return self.X @ beta, [z @ lam for z, lam in zip(zs, lambdas)]
+        eta0 = self.X @ beta if self.offset is None else self.X @ beta + self.offset
+        return eta0, [z @ lam for z, lam in zip(zs, lambdas)]
 
     def loglik(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor], kappa=None) -> torch.Tensor:
         """``(G_L,)`` contributions at :math:`(\\beta, \\Lambda_2, [\\Lambda_3])` (absolute factors)."""

@@ -115,6 +115,8 @@ class GaussianLikelihood(nn.Module):
         self.p = tensors.n_fixed
         lv2 = tensors.levels[0]
         ys = tensors.y[:, None] if responses is None else responses
+        if tensors.offset is not None:  # identity link: fit y - offset
+            ys = ys - tensors.offset[:, None]
         self.n_responses = int(ys.shape[1])
         m = torch.cat([lv.Z for lv in tensors.levels] + [tensors.X, ys], dim=1)
         cp = weighted_crossproducts(m, tensors.w1_cond, lv2.group, lv2.n_groups)

@@ -37,6 +37,8 @@ SHARED_ATTRIBUTES = (
     "sigma", "correlations", "lnl", "icc", "icc_level", "ranef", "u",
     # methods
     "fitted", "residuals", "predict", "wald_test", "to_frame", "summary",
+    # random-effect uncertainty and R-squared (torchmix.ranef_results, torchmix.r2_results)
+    "ranef_se", "ranef_cov", "ranef_mean", "ranef_posterior", "ranef_frame", "plot_ranef", "r2", "r2_decomposition",
 )
 
 POOLED_ONLY = ("fits", "n_pv", "pv_columns", "response", "var_imputation", "var_sampling", "fmi", "df",
@@ -141,9 +143,9 @@ class PooledCommon(ResultsBase):
         u = np.stack([c.reindex(index=names, columns=names).to_numpy(dtype=float) for c in covs])
         return pd.DataFrame(pooling.rubin_matrix(est, u).total, index=names, columns=names)
 
-    def fitted(self, type: str = "link") -> pd.Series:
-        """Mean over the K fits of their fitted values (``type`` as ``MixedResults.fitted``)."""
-        vals = [f.fitted(type) for f in self.fits]
+    def fitted(self, type: str = "link", include_random=True) -> pd.Series:
+        """Mean over the K fits of their fitted values (arguments as ``MixedResults.fitted``)."""
+        vals = [f.fitted(type, include_random=include_random) for f in self.fits]
         return (sum(vals[1:], vals[0]) / len(vals)).rename("fitted")
 
     def residuals(self) -> pd.Series:
