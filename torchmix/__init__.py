@@ -6,17 +6,17 @@ pull in torch, pandas and formulaic, which take a second or more to import), so 
 """
 
 from .errors import (BoundaryWarning, ConfigError, ConvergenceWarning, DataError, DataWarning, FormulaError,
-                     NumericalError, TorchmixError, TorchmixWarning, WeightError)
+                     NumericalError, SmallSampleWarning, TorchmixError, TorchmixWarning, WeightError)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "mix", "MixedResults", "list_datasets", "load_dataset",
+    "mix", "lrt", "MixedResults", "list_datasets", "load_dataset",
     "TorchmixError", "FormulaError", "DataError", "WeightError", "ConfigError", "NumericalError",
-    "TorchmixWarning", "DataWarning", "ConvergenceWarning", "BoundaryWarning",
+    "TorchmixWarning", "DataWarning", "ConvergenceWarning", "BoundaryWarning", "SmallSampleWarning",
 ]
 
-_LAZY = {"mix": ".api", "MixedResults": ".results", "list_datasets": ".data", "load_dataset": ".data"}
+_LAZY = {"mix": ".api", "lrt": ".report.comparison", "MixedResults": ".results", "list_datasets": ".data", "load_dataset": ".data"}
 
 
 def __getattr__(name):

@@ -30,6 +30,7 @@ from .formula import parse_formula
 from .plausible import fit_plausible_values
 from .replication import apply_design_variance
 from .report.call import call_text, model_options
+from .report.se_type import check_df_rule, warn_few_clusters
 from .results import MixedResults
 from .surveys import resolve_survey
 from .warn import warn
@@ -107,13 +108,15 @@ def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.
 def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", link=None, n_quad=13,
              center_group=None, center_grand=None, scaling=None, survey=None, edsurvey_compat=False,
              plausible_values=None, max_iter=200, tol=1e-8, small_sample="G/(G-1)", device="cpu",
-             dtype=torch.float64, progress=True, deterministic=False, call="", offset=None) -> Prepared:
+             dtype=torch.float64, progress=True, deterministic=False, call="", offset=None, se_type=None,
+             df="cluster") -> Prepared:
     """Check arguments, resolve the family and the weighting plan, and build the design once."""
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     parsed = parse_formula(formula)
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     n_quad = _resolve_n_quad(n_quad)
+    se_type, df = ("model" if se_type == "model" else "sandwich"), check_df_rule(df)
     if small_sample not in ("G/(G-1)", "none"):
         raise ConfigError(f"small_sample must be 'G/(G-1)' or 'none', got {small_sample!r}")
     if not isinstance(max_iter, (int, np.integer)) or isinstance(max_iter, bool) or max_iter <= 0:
@@ -167,7 +170,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
             responses[col] = torch.as_tensor(_validate_response(fam, raw, col, gaussian), dtype=dt, device=dev)
     options = dict(n_quad=n_quad, max_iter=int(max_iter), tol=float(tol), small_sample=small_sample,
                    device=str(dev), dtype=str(dt).replace("torch.", ""), progress=bool(progress),
-                   deterministic=bool(deterministic))
+                   deterministic=bool(deterministic), se_type=se_type, df=df)
     return Prepared(design=design, family=fam, options=options, call=call, responses=responses,
                     response_name=response_name, plan=plan)
 
@@ -241,7 +244,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         scale: Optional[float] = None, rscales=None, mse: bool = True, jk_zone: Optional[str] = None,
         jk_rep: Optional[str] = None, jk_both_halves: Optional[bool] = None, replicate_pv: str = "all",
         num_threads: Optional[int] = None,
-        offset: Optional[str] = None,
+        offset: Optional[str] = None, df="cluster",
         **deprecated):
     """Fit a survey-weighted multilevel (mixed-effects) model.
 
@@ -275,7 +278,9 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     progress : show progress bars.
     deterministic : use deterministic algorithms (CUDA ``index_add`` is otherwise
         nondeterministic in its last bits).
-    se_type : ``"sandwich"`` (default), ``"linearization"`` or ``"replicate"``; giving
+    se_type : ``"sandwich"`` (default; cluster-robust at the top level, warns below 30 clusters),
+        ``"model"`` (inverse observed information; lme4's ``vcov()`` with unit weights),
+        ``"linearization"`` or ``"replicate"``; giving
         ``strata``/``psu``/``fpc`` selects linearization and ``replicate_weights``/``jk_zone``
         selects replicates without naming it.
     strata, psu : columns of the sampling strata and primary sampling units (a PSU holds whole
@@ -299,6 +304,10 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         :mod:`~torchmix.threads`). Results do not depend on it.
     offset : name of a numeric column added to the linear predictor with coefficient 1 (as
         ``offset(...)`` terms of the formula, e.g. ``offset(log(n))``; several offsets add up).
+    df : reference distribution of p-values and intervals: ``"cluster"`` (default; t with
+        top-level clusters - 1 degrees of freedom, or the design degrees of freedom of
+        linearization/replicates; Barnard-Rubin for plausible values), ``"normal"`` (z) or a
+        positive number.
 
     Returns
     -------
@@ -331,7 +340,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
-                        deterministic=deterministic, call=call, offset=offset)
+                        deterministic=deterministic, call=call, offset=offset, se_type=se_type, df=df)
     design_args = dict(se_type=se_type, strata=strata, psu=psu, fpc=fpc, lonely_psu=lonely_psu,
                        replicate_weights=replicate_weights, replicate_method=replicate_method, fay_rho=fay_rho,
                        scale=scale, rscales=rscales, mse=mse, jk_zone=jk_zone, jk_rep=jk_rep,
@@ -357,3 +366,14 @@ def _work(prepared: Prepared) -> float:
     q = sum(lv.q for lv in t.levels)
     nodes = 1.0 if prepared.is_gaussian else float(prepared.options["n_quad"]) ** q
     return problem_work(t.X.shape[0], t.n_fixed, q, nodes)
+    top = prepared.design.levels[-1] if prepared.design.levels else None
+    if top is not None and dv is None:
+        warn_few_clusters(len(top.labels), top.name, se_type or "sandwich")
+    if prepared.responses is not None:
+        res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
+                                   fit_many=_fit_many if prepared.is_gaussian else None)
+    else:
+        res = _fit_one(prepared, start=start)
+    if dv is None:
+        return res
+    return apply_design_variance(res, dv, lambda t, s: _fit_tensors(prepared, t, s, progress=False), progress)

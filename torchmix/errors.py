@@ -17,6 +17,7 @@ __all__ = [
     "DataWarning",
     "ConvergenceWarning",
     "BoundaryWarning",
+    "SmallSampleWarning",
 ]
 
 
@@ -58,3 +59,7 @@ class ConvergenceWarning(TorchmixWarning):
 
 class BoundaryWarning(TorchmixWarning):
     """An estimate lies on the boundary of the parameter space (a variance of zero)."""
+
+
+class SmallSampleWarning(TorchmixWarning):
+    """An inference rests on few top-level clusters (the sandwich standard errors are biased down)."""

@@ -40,6 +40,9 @@ from .progress import progress_bar
 from .r2_results import R2Mixin
 from .ranef_results import PooledRanefMixin, ranef_tables
 from .report.interface import PooledCommon
+from .report.mixin import InferenceMixin, add_inference_columns
+from .report.se_type import complete_data_df
+from .report.summary_ext import extended_summary, se_line
 
 __all__ = ["PooledResults", "fit_plausible_values", "warm_start"]
 
@@ -147,7 +150,7 @@ def _table(df: pd.DataFrame, digits: int = 5) -> str:
     return df.map(fmt).to_string()
 
 
-class PooledResults(PooledCommon, R2Mixin, PooledRanefMixin):
+class PooledResults(InferenceMixin, PooledCommon, R2Mixin, PooledRanefMixin):
     """Results pooled over K plausible values (EdSurvey ``mixed.sdf`` with Rubin's rules).
 
     Attributes
@@ -186,7 +189,7 @@ class PooledResults(PooledCommon, R2Mixin, PooledRanefMixin):
         self.variance = getattr(first, "variance", None)
         self.converged = all(bool(f.converged) for f in self.fits)
         self.lnl = float(first.lnl) if self.n_pv == 1 else None
-        self.df_complete = float(list(self.ngroups.values())[-1] - 1) if self.ngroups else math.inf
+        self.df_complete = complete_data_df(self.df_rule, self.n_clusters)
 
     # ------------------------------------------------------------------ pooling
     @cached_property
@@ -330,16 +333,6 @@ class PooledResults(PooledCommon, R2Mixin, PooledRanefMixin):
                  for f in self.fits]
         return (sum(preds[1:], preds[0]) / len(preds)).rename("predicted")
 
-    def wald_test(self, terms=None, type: str = "beta", hypothesis=None):
-        """Wald chi-square test with the pooled estimates and Rubin's total covariance :math:`T`.
-
-        Same arguments and result as ``MixedResults.wald_test``. (The chi-square reference
-        ignores the extra uncertainty of estimating :math:`B` from K values; see ``df``.)
-        """
-        from .results import MixedResults
-
-        return MixedResults.wald_test(self, terms=terms, type=type, hypothesis=hypothesis)
-
     # ------------------------------------------------------------------ outputs
     def to_frame(self) -> pd.DataFrame:
         """Tidy table of the first fit's layout with pooled values and the Rubin split:
@@ -353,12 +346,15 @@ class PooledResults(PooledCommon, R2Mixin, PooledRanefMixin):
         out["var_imputation"] = self.var_imputation.to_numpy()
         out["fmi"] = self.fmi.to_numpy()
         out["df"] = self.df.to_numpy()
-        return out
+        return add_inference_columns(self, out)
 
-    def summary(self):
-        """EdSurvey ``mixed.sdf`` layout (MATH.md section 10)."""
+    def summary(self, extended: bool = False, alpha: float = 0.05):
+        """EdSurvey ``mixed.sdf`` layout (MATH.md section 10); ``extended=True``: with degrees of
+        freedom, p-values, intervals and the standard-error type."""
         from .results import Summary
 
+        if extended:
+            return Summary(extended_summary(self, alpha))
         lines = ["Call:", str(self.call), "", f"Formula: {self.formula}", ""]
         if self.response and self.pv_columns:
             lines += [f"Response {self.response}: {', '.join(self.pv_columns)}"]
@@ -371,6 +367,8 @@ class PooledResults(PooledCommon, R2Mixin, PooledRanefMixin):
             lines += [f"Weights: {note}"]
         if self.variance:
             lines += [f"Standard errors: {self.variance['description']}"]
+        elif self.se_type == "model":
+            lines += [se_line(self)]
         groups = pd.DataFrame({"Group Var": list(self.ngroups)[::-1] + ["Residual" if self._is_gaussian else "Obs"],
                                "Observations": list(self.ngroups.values())[::-1] + [self.nobs],
                                "Level": list(range(len(self.ngroups) + 1, 0, -1))},

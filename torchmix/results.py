@@ -23,6 +23,9 @@ from .prediction import as_frame, linear_predictor, resolve_levels
 from .r2_results import R2Mixin
 from .ranef_results import RanefMixin
 from .report.interface import ResultsBase
+from .report.mixin import InferenceMixin, add_inference_columns
+from .report.se_type import apply_se_type
+from .report.summary_ext import extended_summary, se_line
 from .tensors import FitOutput
 
 __all__ = ["MixedResults", "Summary", "WaldTest", "chi2_sf", "varcomp_labels"]
@@ -96,13 +99,16 @@ def _fmt_table(df: pd.DataFrame, digits: int = 6, index: bool = True) -> str:
     return df.map(fmt).to_string(index=index)
 
 
-class MixedResults(ResultsBase, RanefMixin, R2Mixin):
+class MixedResults(InferenceMixin, ResultsBase, RanefMixin, R2Mixin):
     """Results of one weighted mixed-model fit.
 
     Attributes
     ----------
     coef, se : pandas Series (fixed effects; aliased columns NaN).
-    cov_mat, vcov_model : DataFrames (sandwich and model-based covariance of ``coef``).
+    cov_mat, vcov_model : DataFrames (covariance of ``coef`` of the fit's ``se_type``, sandwich by
+        default; model-based covariance).
+    tvalues, pvalues, conf_int(), conf_int_varcomp(), df, varcorr, singular, aic, bic, deviance,
+        compare(), wald_test() : inference (:class:`~torchmix.report.mixin.InferenceMixin`).
     varcomp, varcomp_se : Series of variance components (residual last for gaussian).
     var_theta : DataFrame, covariance of ``varcomp``.
     lnl : weighted (pseudo) log-likelihood.
@@ -117,6 +123,7 @@ class MixedResults(ResultsBase, RanefMixin, R2Mixin):
     """
 
     def __init__(self, out: FitOutput, design: Design, family, call: str, options: dict):
+        out = apply_se_type(out, design.tensors, options.get("se_type", "sandwich"))
         self._out = out
         self.design = design
         self.family = family
@@ -229,7 +236,7 @@ class MixedResults(ResultsBase, RanefMixin, R2Mixin):
 
     # ------------------------------------------------------------------ outputs
     def to_frame(self) -> pd.DataFrame:
-        """Tidy table: term, kind, level, group, estimate, std_error, t."""
+        """Tidy table: term, kind, level, group, estimate, std_error, t, df, p_value, conf_low, conf_high."""
         fx = pd.DataFrame({"term": self.coef.index, "kind": "fixed", "level": 1, "group": "",
                            "estimate": self.coef.to_numpy(), "std_error": self.se.to_numpy()})
         vd = self.var_df
@@ -239,10 +246,13 @@ class MixedResults(ResultsBase, RanefMixin, R2Mixin):
         out = pd.concat([fx, vc], ignore_index=True)
         out["t"] = out["estimate"] / out["std_error"]
         out.loc[out["kind"] != "fixed", "t"] = np.nan
-        return out
+        return add_inference_columns(self, out)
 
-    def summary(self) -> Summary:
-        """WeMix-style printed summary (MATH.md section 10)."""
+    def summary(self, extended: bool = False, alpha: float = 0.05) -> Summary:
+        """WeMix-style printed summary (MATH.md section 10); ``extended=True`` adds degrees of freedom,
+        p-values, ``1 - alpha`` intervals and the standard-error type."""
+        if extended:
+            return Summary(extended_summary(self, alpha))
         lines = ["Call:", self.call, ""]
         if not self.converged:
             lines += [f"WARNING: the optimiser did not converge ({self.message})", ""]
@@ -250,6 +260,8 @@ class MixedResults(ResultsBase, RanefMixin, R2Mixin):
             lines += [f"Weights: {n}" for n in self.notes] + [""]
         if self.variance:
             lines += [f"Standard errors: {self.variance['description']}", ""]
+        elif self.se_type == "model":
+            lines += [se_line(self), ""]
         vd = self.var_df
         var_rows = []
         for lvl in sorted(vd["level"].unique(), reverse=True):
@@ -353,36 +365,3 @@ class MixedResults(ResultsBase, RanefMixin, R2Mixin):
                                nd, allow_new_levels=allow_new_levels, include_random=include_random)
         out = eta if type == "link" else np.where(np.isnan(eta), np.nan, self._linkinv(np.nan_to_num(eta)))
         return pd.Series(out, index=nd.index, name="predicted")
-
-    # ------------------------------------------------------------------ tests
-    def wald_test(self, terms: Optional[Sequence[str]] = None, type: str = "beta",
-                  hypothesis=None) -> WaldTest:
-        r"""Wald :math:`\chi^2` test :math:`W = (R\hat\gamma - r)^\top (R V R^\top)^{-1}(R\hat\gamma - r)`.
-
-        Parameters
-        ----------
-        terms : names of the coefficients (``type="beta"``, default all but the intercept) or
-            variance components (``type="Lambda"``, default all but the residual).
-        type : ``"beta"`` (``cov_mat``) or ``"Lambda"`` (``var_theta``); a zero-variance null is on
-            the boundary, so its p-value is conservative.
-        hypothesis : hypothesised values ``r`` (default 0).
-        """
-        if type == "beta":
-            est, cov = self.coef, self.cov_mat
-            default = [n for n in est.index if n != "(Intercept)"]
-        elif type == "Lambda":
-            est, cov = self.varcomp, self.var_theta
-            default = [n for n in est.index if n != "Residual"]
-        else:
-            raise DataError(f"type must be 'beta' or 'Lambda', got {type!r}")
-        terms = list(default if terms is None else ([terms] if isinstance(terms, str) else terms))
-        unknown = [t for t in terms if t not in est.index]
-        if unknown:
-            raise DataError(f"wald_test: unknown term(s) {unknown}; available: {list(est.index)}")
-        g = est[terms].to_numpy(dtype=float)
-        r = np.zeros(len(terms)) if hypothesis is None else np.broadcast_to(np.asarray(hypothesis, float), g.shape)
-        v = cov.loc[terms, terms].to_numpy(dtype=float)
-        diff = g - r
-        stat = float(diff @ np.linalg.solve(v, diff))
-        return WaldTest(statistic=stat, p_value=chi2_sf(stat, len(terms)), df=len(terms), terms=terms,
-                        estimates=g, hypothesis=np.asarray(r), type=type)

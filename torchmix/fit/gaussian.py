@@ -24,6 +24,7 @@ from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalEr
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.gaussian import GaussianLikelihood
 from ..progress import progress_bar
+from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .jacobians import hessian, jacobian
@@ -199,8 +200,7 @@ def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample
     # boundary: a diagonal theta at (numerically) zero
     on_boundary = [diagonal_theta_mask(ts).to(t.device) & (t.abs() < BOUNDARY_TOL) for t, ts in zip(thetas, term_sizes)]
     if any(bool(m.any()) for m in on_boundary):
-        warn("a variance component is estimated at zero (on the boundary of the parameter space); "
-             "its standard error is reported as NaN", BoundaryWarning)
+        warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
         thetas = [torch.where(m, torch.zeros_like(t), t) for t, m in zip(thetas, on_boundary)]
 
     # ---------------------------------------------------------------- standard errors

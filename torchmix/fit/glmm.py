@@ -31,6 +31,7 @@ from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.agq import AGQLogLik
 from ..progress import progress_bar
 from ..quadrature import check_n_quad
+from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .glm_start import parse_start, weighted_glm
@@ -293,11 +294,13 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
     v_theta = v_free[m_beta:, m_beta:]
     tau = tau_of_theta(psi[p:], term_sizes)
     tau_cov = jac @ v_theta @ jac.transpose(0, 1)
+    tau_cov_model = jac @ model_inv[m_beta:, m_beta:] @ jac.transpose(0, 1)
     zero_tau = zero_tau.to(dev)
     if bool(zero_tau.any()):
         tau = torch.where(zero_tau, torch.zeros_like(tau), tau)
         nan = torch.tensor(float("nan"), dtype=dt, device=dev)
         tau_cov = torch.where(zero_tau[:, None] | zero_tau[None, :], nan, tau_cov)
+        tau_cov_model = torch.where(zero_tau[:, None] | zero_tau[None, :], nan, tau_cov_model)
     s_tau = torch.full((scores_psi.shape[0], n_th), float("nan"), dtype=dt, device=dev)
     if int(free_theta.sum()) > 0:
         s_tau_free = scores_psi[:, m_beta:] @ torch.linalg.pinv(jac)
@@ -316,9 +319,7 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
 
     boundary = [int(i) for i in torch.nonzero(zero_tau).flatten().tolist()]
     if boundary or singular:
-        warn("a random-effect covariance matrix is on the boundary of the parameter space (a variance "
-             "or a diagonal Cholesky entry below 1e-6); variances reported as 0 have no standard error",
-             BoundaryWarning)
+        warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
     if converged:
         message = f"converged (max |gradient| {grad_max:.3g} < {tol:.3g})"
     else:
@@ -330,5 +331,5 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         message=message, scores=scores,
         extra={"n_quad": module.n_quad, "grad_max": grad_max, "n_evals": prob.n_evals, "n_evals_laplace": evals_laplace,
                "lnl_laplace": lnl_laplace,
-               "boundary": boundary, "adapt": "every_eval"},
+               "boundary": boundary, "adapt": "every_eval", "tau_cov_model": tau_cov_model},
     )
