@@ -70,20 +70,24 @@ def diagnose_boundary(thetas: Sequence[torch.Tensor], term_sizes: Sequence[Seque
 
 
 def boundary_message(cases: Sequence[BoundaryCase], names=None, level_names=None) -> str:
-    """A sentence per case, naming the effects when ``names[level][term]`` (effect names) and
-    ``level_names`` are given, else by position."""
+    """A clause per case, naming the effects (``group:effect``) when ``names[level][term]`` (effect
+    names) and ``level_names`` are given, else by position (level, term, effect number)."""
     parts = []
     for c in cases:
-        lvl = level_names[c.level] if level_names else f"level {c.level + 2}"
-        eff = (lambda i: names[c.level][c.term][i]) if names else (lambda i: f"random effect {i + 1} of term {c.term + 1}")
+        if names and level_names:
+            eff = lambda i, c=c: f"{level_names[c.level]}:{names[c.level][c.term][i]}"  # noqa: E731
+            where = ""
+        else:
+            eff = lambda i: f"random effect {i + 1}"  # noqa: E731
+            where = f" (level {c.level + 2}, term {c.term + 1})"
         if c.kind == "zero_variance":
-            parts.append(f"the variance of {lvl}:{eff(c.effect)} is estimated at zero")
+            parts.append(f"the variance of {eff(c.effect)}{where} is estimated at zero")
         elif c.kind == "correlation":
-            parts.append(f"the correlation of {lvl}:{eff(c.other)} and {eff(c.effect)} is estimated at "
+            parts.append(f"the correlation of {eff(c.other)} and {eff(c.effect)}{where} is estimated at "
                          f"{'+1' if c.sign > 0 else '-1'} (both variances are positive)")
         else:
-            parts.append(f"the covariance matrix of {lvl} (term {c.term + 1}) is singular: {eff(c.effect)} is "
-                         "a linear combination of the effects before it (a correlation at +-1)")
+            parts.append(f"the covariance matrix of {eff(0)} ...{where} is singular: {eff(c.effect)} is a linear "
+                         "combination of the effects before it (a correlation at +-1 or a linear dependence)")
     return "; ".join(parts)
 
 

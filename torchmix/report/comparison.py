@@ -45,15 +45,15 @@ def n_params(res) -> int:
 
 def require_likelihood(res, what: str) -> float:
     """The log-likelihood, or a clear error when ``what`` is not defined for this fit."""
+    if res.lnl is None:
+        raise DataError(f"{what} is not available for results pooled over plausible values (no single "
+                        "log-likelihood); use wald_test")
     if not unit_weights(res):
         raise WeightError(
             f"{what} is not available: the fit uses sampling weights, so its log-likelihood is a "
             "pseudo-likelihood; likelihood ratios of pseudo-likelihoods are not chi-square distributed and "
             "AIC/BIC/deviance have no justification. Compare nested models with res.wald_test(...), "
             "which uses the cluster-robust covariance")
-    if res.lnl is None:
-        raise DataError(f"{what} is not available for results pooled over plausible values (no single "
-                        "log-likelihood); use wald_test")
     return float(res.lnl)
 
 

@@ -79,6 +79,12 @@ class InferenceMixin:
             return pd.Series(float(design["df"]), index=index, name="df")
         return pd.Series(complete_data_df(rule, self.n_clusters), index=index, name="df")
 
+    @property
+    def df(self) -> pd.Series:
+        """Reference degrees of freedom per fixed effect and variance component (``inf`` = normal).
+        (Pooled results define their own: Barnard-Rubin.)"""
+        return self._reference_df()
+
     # ------------------------------------------------------------------ fixed effects
     @property
     def tvalues(self) -> pd.Series:

@@ -78,7 +78,7 @@ def extended_summary(res, alpha: float = 0.05) -> str:
     vcor = res.varcorr
     tab = pd.DataFrame({"Level": vcor["level"].astype(int), "Variance": vcor["variance"],
                         "Std. Error": vc["std_error"], "SD/Corr": vcor["sd_cor"],
-                        f"SD/Corr {lvl} lower": vc["sd_cor_lower"], "upper": vc["sd_cor_upper"]},
+                        f"{lvl} lower": vc["sd_cor_lower"], f"{lvl} upper": vc["sd_cor_upper"]},
                        index=vcor.index)
     lines += [f"Variance terms ({lvl} intervals: standard deviations on the log scale, correlations by Fisher z):",
               _fmt(tab), ""]
