@@ -24,7 +24,10 @@ def se_line(res) -> str:
     if design:
         return f"Standard errors: {design['description']}"
     if res.se_type == "model":
-        return "Standard errors: model-based (inverse observed information of the (pseudo) log-likelihood)"
+        if comparison.unit_weights(res):
+            return "Standard errors: model-based (inverse observed information)"
+        return ("Standard errors: model-based (inverse observed information of the pseudo-likelihood; they "
+                "ignore the sampling design, the sandwich does not)")
     factor = getattr(res._first_fit, "options", {}).get("small_sample", "G/(G-1)")
     extra = ", factor G/(G-1)" if factor == "G/(G-1)" else ""
     pooled = ", combined over plausible values by Rubin's rules" if hasattr(res, "fits") and res.n_pv > 1 else ""
