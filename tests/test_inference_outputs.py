@@ -333,3 +333,18 @@ def test_pooled_barnard_rubin_df_by_hand():
     assert pz.conf_int().loc["x", "upper"] == pytest.approx(1.2 + 1.95996398454005 * math.sqrt(T), rel=1e-12)
     with pytest.raises(tm.DataError, match="plausible values"):
         p.aic
+
+
+def test_model_variance_components_closed_form_balanced(ss):
+    """Balanced one-way model (18 subjects x 10 days), unit weights: with lambda1 = sigma^2 and
+    lambda2 = sigma^2 + n tau the information at fixed beta is diagonal, G(n-1)/(2 lambda1^2) and
+    G/(2 lambda2^2), so Var(sigma^2) = 2 lambda1^2/(G(n-1)), Var(tau) = (Var lambda1 + Var lambda2)/n^2
+    and Cov(tau, sigma^2) = -Var(lambda1)/n."""
+    r = quiet("Reaction ~ Days + (1 | Subject)", ss, se_type="model")
+    G, n = 18, 10
+    tau, s2 = r.varcomp["Subject:(Intercept)"], r.varcomp["Residual"]
+    l1, l2 = s2, s2 + n * tau
+    v1, v2 = 2 * l1 ** 2 / (G * (n - 1)), 2 * l2 ** 2 / G
+    assert r.varcomp_se["Residual"] == pytest.approx(math.sqrt(v1), rel=1e-6)
+    assert r.varcomp_se["Subject:(Intercept)"] == pytest.approx(math.sqrt((v1 + v2) / n ** 2), rel=1e-6)
+    assert r.var_theta.loc["Residual", "Subject:(Intercept)"] == pytest.approx(-v1 / n, rel=1e-6)

@@ -88,7 +88,8 @@ def test_summary_layout(sleep_w):
                   "Intraclass Correlation=", "Corr1", "Std. Error", "Residual", "mean wgt", "sum wgt"]:
         assert piece in text
     frame = res.to_frame()
-    assert list(frame.columns) == ["term", "kind", "level", "group", "estimate", "std_error", "t"]
+    assert list(frame.columns) == ["term", "kind", "level", "group", "estimate", "std_error", "t", "df", "p_value",
+                                   "conf_low", "conf_high"]
     assert (frame["kind"] == "fixed").sum() == 2 and (frame["kind"] == "covariance").sum() == 1
     # weights table: unconditional weights, level 1 rows and one value per level-2 group
     np.testing.assert_allclose(res.wgt_stats.loc["Obs", "sum"], sleep_w["w1"].sum())
