@@ -348,3 +348,13 @@ def test_model_variance_components_closed_form_balanced(ss):
     assert r.varcomp_se["Residual"] == pytest.approx(math.sqrt(v1), rel=1e-6)
     assert r.varcomp_se["Subject:(Intercept)"] == pytest.approx(math.sqrt((v1 + v2) / n ** 2), rel=1e-6)
     assert r.var_theta.loc["Residual", "Subject:(Intercept)"] == pytest.approx(-v1 / n, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_model_se_and_aic_equal_lme4_glmer_sleepstudy_logit(ss):
+    r = quiet("y ~ Days + (1 | Subject)", ss.assign(y=(ss["Reaction"] > 300).astype(float)), family="binomial",
+              n_quad=13, se_type="model")
+    # glmer(nAGQ = 13): logLik -86.9904228585, sqrt(diag(vcov)), AIC, BIC
+    np.testing.assert_allclose(r.se.to_numpy(), [0.6893709669828, 0.0981790097934], rtol=1e-5)
+    assert r.aic == pytest.approx(179.980845717, rel=1e-8)
+    assert r.bic == pytest.approx(189.55971627, rel=1e-8)

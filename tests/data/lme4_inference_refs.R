@@ -42,3 +42,8 @@ K <- 3; est <- c(1.0, 1.2, 1.4); U <- 0.1^2; B <- var(est); Tt <- U + (1 + 1/K) 
 lambda <- (1 + 1/K) * B / Tt; nu_old <- (K - 1) / lambda^2; nuc <- 20
 nu_obs <- (nuc + 1) / (nuc + 3) * nuc * (1 - lambda); nu <- 1 / (1 / nu_old + 1 / nu_obs)
 print(c(Tt, nu, qt(0.975, nu), 2 * pt(-mean(est) / sqrt(Tt), nu)))
+
+cat("sleepstudy logit y = Reaction > 300, y ~ Days + (1|Subject), nAGQ = 13\n")
+ss$y <- as.numeric(ss$Reaction > 300)
+g2 <- glmer(y ~ Days + (1 | Subject), ss, family = binomial, nAGQ = 13)
+print(logLik(g2)); print(sqrt(diag(as.matrix(vcov(g2))))); print(AIC(g2)); print(BIC(g2))
