@@ -73,7 +73,8 @@ class LRTest:
     table: pd.DataFrame
 
     def __str__(self) -> str:
-        return ("Likelihood-ratio test (unit weights, ML):\n" + self.table.to_string(na_rep="")
+        text = self.table.to_string(na_rep="", formatters={"Df": lambda v: "" if pd.isna(v) else f"{v:.0f}"})
+        return ("Likelihood-ratio test (unit weights, ML):\n" + text
                 + "\n(a variance tested at zero is on the boundary: the p-value is conservative)")
 
     __repr__ = __str__
@@ -123,6 +124,6 @@ def lrt(fit0, fit1) -> LRTest:
     p = chi2_sf(stat, k1 - k0)
     table = pd.DataFrame(rows, index=["fit0", "fit1"])
     table["Chisq"] = [np.nan, stat]
-    table["Df"] = [np.nan, k1 - k0]
+    table["Df"] = [np.nan, float(k1 - k0)]
     table["Pr(>Chisq)"] = [np.nan, p]
     return LRTest(statistic=stat, df=k1 - k0, p_value=p, table=table)
