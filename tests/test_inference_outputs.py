@@ -358,3 +358,12 @@ def test_model_se_and_aic_equal_lme4_glmer_sleepstudy_logit(ss):
     np.testing.assert_allclose(r.se.to_numpy(), [0.6893709669828, 0.0981790097934], rtol=1e-5)
     assert r.aic == pytest.approx(179.980845717, rel=1e-8)
     assert r.bic == pytest.approx(189.55971627, rel=1e-8)
+
+
+def test_design_based_standard_errors_use_the_design_degrees_of_freedom(ss):
+    subjects = sorted(ss["Subject"].unique())
+    d = ss.assign(st=ss["Subject"].map({s: i % 3 for i, s in enumerate(subjects)}))
+    r = quiet(SLEEP, d, strata="st", psu="Subject")
+    assert r.se_type == "linearization" and (r.df == 15).all()  # 18 PSUs - 3 strata
+    np.testing.assert_allclose(r.conf_int()["upper"], r.coef + 2.13144954555978 * r.se, rtol=1e-12)  # qt(.975, 15)
+    assert "design degrees of freedom" in str(r.summary(extended=True))
