@@ -348,6 +348,9 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     dv = resolve_design_variance(prepared.plan.materialise(data), prepared.design, prepared.plan, design_args)
     if dv is not None and dv.kind == "linearization":
         prepared.extra["meat"] = dv.meat
+    top = prepared.design.levels[-1] if prepared.design.levels else None
+    if top is not None and dv is None:
+        warn_few_clusters(len(top.labels), top.name, se_type or "sandwich")
     with fit_threads(choose_threads(_work(prepared), num_threads)):
         if prepared.responses is not None:
             res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
@@ -366,14 +369,3 @@ def _work(prepared: Prepared) -> float:
     q = sum(lv.q for lv in t.levels)
     nodes = 1.0 if prepared.is_gaussian else float(prepared.options["n_quad"]) ** q
     return problem_work(t.X.shape[0], t.n_fixed, q, nodes)
-    top = prepared.design.levels[-1] if prepared.design.levels else None
-    if top is not None and dv is None:
-        warn_few_clusters(len(top.labels), top.name, se_type or "sandwich")
-    if prepared.responses is not None:
-        res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
-                                   fit_many=_fit_many if prepared.is_gaussian else None)
-    else:
-        res = _fit_one(prepared, start=start)
-    if dv is None:
-        return res
-    return apply_design_variance(res, dv, lambda t, s: _fit_tensors(prepared, t, s, progress=False), progress)
