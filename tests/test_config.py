@@ -107,6 +107,7 @@ start = [1, 2.5]
 num_threads = 2
 [variance]
 se_type = "replicate"
+df = "normal"
 strata = "st"
 psu = "ps"
 fpc = { a = 0.1, b = 0.2 }
@@ -137,7 +138,7 @@ formats = ["json", "csv", "json"]
         "edsurvey_compat": True, "plausible_values": {"y": ["p1", "p2"]}, "offset": "lexp", "max_iter": 50,
         "tol": 1.0,
         "small_sample": "none", "device": "cpu", "dtype": torch.float32, "progress": False, "deterministic": True,
-        "start": [1.0, 2.5], "num_threads": 2, "se_type": "replicate", "strata": "st", "psu": "ps", "fpc": {"a": 0.1, "b": 0.2},
+        "start": [1.0, 2.5], "num_threads": 2, "se_type": "replicate", "df": "normal", "strata": "st", "psu": "ps", "fpc": {"a": 0.1, "b": 0.2},
         "lonely_psu": "adjust", "replicate_weights": {"w1": ["r1", "r2"]}, "replicate_method": "Fay",
         "fay_rho": 0.5, "scale": 0.05, "rscales": [1.0, 1.0], "mse": False, "jk_zone": "z", "jk_rep": "r",
         "jk_both_halves": True, "replicate_pv": "first",

@@ -42,6 +42,7 @@ Relative paths written in the file are relative to the folder that holds the fil
 
     [variance]                                 # design-based standard errors (default: sandwich)
     se_type           = "linearization"        # "sandwich", "model", "linearization", "replicate"
+    df                = "cluster"              # t df: clusters - 1 (or the design's), "normal", a number
     strata            = "STRATUM"              # linearization: strata, PSUs, FPC, lonely-PSU rule
     psu               = "PSU"
     fpc               = 0.05                   # a column, a number, or { stratum = value, ... }

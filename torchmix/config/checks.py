@@ -141,6 +141,15 @@ def _replicate_weights(value, where):
     raise _bad(where, "a pattern, an array of column names, or a table weight column -> array", value)
 
 
+def _df(value, where):
+    """``"cluster"``, ``"normal"`` or a positive number of degrees of freedom."""
+    if isinstance(value, str) and value in ("cluster", "normal"):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise _bad(where, '"cluster", "normal" or a positive number', value)
+
+
 def _dtype(value, where):
     value = _str(value, where)
     if value not in _DTYPES:

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Union
 
-from .checks import (TABLE_FORMATS, _bool, _device, _dtype, _float_list, _formats, _fpc, _int_at_least,
+from .checks import (TABLE_FORMATS, _bool, _device, _df, _dtype, _float_list, _formats, _fpc, _int_at_least,
                      _nonempty_str, _positive_float, _replicate_weights, _str_list, _str_or_str_list,
                      _table_of_str_lists, _unit_float)
 
@@ -65,6 +65,7 @@ class VarianceConfig:
     """The design-based variance keywords of :func:`torchmix.mix` (same names, same defaults)."""
 
     se_type: Optional[str] = None
+    df: Union[str, float] = "cluster"
     strata: Optional[str] = None
     psu: Optional[str] = None
     fpc: Union[str, float, Mapping, None] = None
@@ -213,6 +214,7 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
     }),
     "variance": MappingProxyType({
         "se_type": _Key(_nonempty_str, doc="sandwich, model, linearization or replicate"),
+        "df": _Key(_df, doc='degrees of freedom: "cluster", "normal" or a number'),
         "strata": _Key(_nonempty_str, doc="stratum column"),
         "psu": _Key(_nonempty_str, doc="primary sampling unit column"),
         "fpc": _Key(_fpc, doc="finite-population correction: column, number or table per stratum"),

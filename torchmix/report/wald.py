@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
