@@ -26,6 +26,7 @@ from .families import get_family
 from .fit.gaussian import fit_gaussian
 from .fit.gaussian_many import fit_gaussian_many
 from .fit.glmm import fit_glmm
+from .fit.glmm_many import fit_glmm_many
 from .formula import parse_formula
 from .plausible import fit_plausible_values
 from .replication import apply_design_variance
@@ -190,9 +191,10 @@ def _deterministic(on: bool):
 
 
 def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
-    """Fit a gaussian model to several responses at once (plausible values): the first as usual,
-    with its warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`).
-    ``advance(n)`` (a progress bar's ``update``) is called as values are done."""
+    """Fit a model to several responses at once (plausible values): the first as usual, with its
+    warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`,
+    :mod:`~torchmix.fit.glmm_many`). ``advance(n)`` (a progress bar's ``update``) is called as
+    values are done."""
     first = _fit_one(prepared, ys[0])
     if advance is not None:
         advance(1)
@@ -200,9 +202,15 @@ def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
     o = prepared.options
     with _deterministic(o["deterministic"]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
-                                 small_sample=prepared.extra.get("meat") or o["small_sample"], progress=False,
-                                 first=first._out, newton_steps=min(20, o["max_iter"]))
+        meat = prepared.extra.get("meat") or o["small_sample"]
+        if prepared.is_gaussian:
+            outs = fit_gaussian_many(prepared.design.tensors, stacked, max_iter=o["max_iter"], tol=o["tol"],
+                                     small_sample=meat, progress=False, first=first._out,
+                                     newton_steps=min(20, o["max_iter"]))
+        else:
+            outs = fit_glmm_many(prepared.design.tensors, prepared.family, stacked, n_quad=o["n_quad"],
+                                 max_iter=o["max_iter"], tol=o["tol"], small_sample=meat, progress=False,
+                                 first=first._out)
     fits = [first]
     for y, out in zip(ys[1:], outs[1:]):
         design = replace(prepared.design, tensors=prepared.design.tensors.with_response(y))
@@ -354,7 +362,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     with fit_threads(choose_threads(_work(prepared), num_threads)):
         if prepared.responses is not None:
             res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
-                                       fit_many=_fit_many if prepared.is_gaussian else None)
+                                       fit_many=_fit_many)
         else:
             res = _fit_one(prepared, start=start)
         if dv is None:

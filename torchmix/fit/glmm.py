@@ -27,7 +27,6 @@ import torch
 
 from ..covariance import identity_theta, lambda_from_theta, n_theta, normalise_theta_signs, theta_index
 from ..errors import BoundaryWarning, ConfigError, ConvergenceWarning, NumericalError
-from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.agq import AGQLogLik
 from ..progress import progress_bar
 from ..quadrature import check_n_quad
@@ -35,7 +34,7 @@ from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .glm_start import parse_start, weighted_glm
-from .glmm_se import boundary_pattern, fd_hessian, tau_jacobian, tau_of_theta
+from .glmm_se import assemble, boundary_pattern, fd_hessian
 from .lbfgs import LBFGSState, lbfgs_rounds
 
 __all__ = ["fit_glmm", "BOUNDARY_TOL"]
@@ -273,50 +272,12 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
     converged = math.isfinite(grad_max) and grad_max < tol
 
     # ---- final quantities at psi
-    lambdas = prob.lambdas(psi)
-    ell, s_beta, s_lam = module.top_scores(psi[:p], lambdas)
+    ell, s_beta, s_lam = module.top_scores(psi[:p], prob.lambdas(psi))
     prob.n_evals += 1
-    lnl = float(ell.sum())
-    s_theta = []
-    for ts, s in zip(term_sizes, s_lam):
-        rows, cols = theta_index(ts)
-        s_theta.append(s[:, rows, cols])
-    scores_psi = torch.cat([s_beta] + s_theta, dim=1)[:, free]
-    hess_raw = hess * w_total
-    v_free = sandwich(hess_raw, scores_psi, small_sample, what="fixed effects and variance components")
-    model_inv = safe_inverse_negative_hessian(hess_raw, what="fixed effects and variance components")
-
-    n_th = theta_all.numel()
-    free_theta = ~fixed_theta
-    jac = tau_jacobian(psi[p:], term_sizes)[:, free_theta.to(dev)]  # (n_tau, m_theta)
-    m_beta = p
-    v_beta = v_free[:m_beta, :m_beta]
-    v_theta = v_free[m_beta:, m_beta:]
-    tau = tau_of_theta(psi[p:], term_sizes)
-    tau_cov = jac @ v_theta @ jac.transpose(0, 1)
-    tau_cov_model = jac @ model_inv[m_beta:, m_beta:] @ jac.transpose(0, 1)
-    zero_tau = zero_tau.to(dev)
-    if bool(zero_tau.any()):
-        tau = torch.where(zero_tau, torch.zeros_like(tau), tau)
-        nan = torch.tensor(float("nan"), dtype=dt, device=dev)
-        tau_cov = torch.where(zero_tau[:, None] | zero_tau[None, :], nan, tau_cov)
-        tau_cov_model = torch.where(zero_tau[:, None] | zero_tau[None, :], nan, tau_cov_model)
-    s_tau = torch.full((scores_psi.shape[0], n_th), float("nan"), dtype=dt, device=dev)
-    if int(free_theta.sum()) > 0:
-        s_tau_free = scores_psi[:, m_beta:] @ torch.linalg.pinv(jac)
-        s_tau = torch.where(zero_tau[None, :], s_tau, s_tau_free)
-    scores = torch.cat([scores_psi[:, :m_beta], s_tau], dim=1)
-
-    thetas, u, b, pos = [], [], [], p
-    for ts, mode in zip(term_sizes, module.modes):
-        k = n_theta(ts)
-        th = psi[pos:pos + k].clone()
-        thetas.append(th)
-        lam = lambda_from_theta(th, ts)
-        u.append(mode)
-        b.append(mode @ lam.transpose(0, 1))
-        pos += k
-
+    est = assemble(psi, hess, free, fixed_theta, zero_tau, ell, s_beta, s_lam, module.modes, term_sizes,
+                   p, w_total, small_sample)
+    lnl = est.pop("lnl")
+    tau_cov_model = est.pop("tau_cov_model")
     boundary = [int(i) for i in torch.nonzero(zero_tau).flatten().tolist()]
     if boundary or singular:
         warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
@@ -326,10 +287,9 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         message = f"gradient test failed: max |gradient| {grad_max:.3g} >= {tol:.3g} (normalised log-likelihood)"
         warn(f"the GLMM fit did not converge: {message}", ConvergenceWarning)
     return FitOutput(
-        beta=psi[:p].clone(), cov_beta=v_beta, cov_beta_model=model_inv[:m_beta, :m_beta], theta=thetas,
-        sigma=None, tau=tau, tau_cov=tau_cov, lnl=lnl, u=u, b=b, converged=converged, iterations=iterations,
-        message=message, scores=scores,
+        **est, sigma=None, lnl=lnl, converged=converged, iterations=iterations, message=message,
         extra={"n_quad": module.n_quad, "grad_max": grad_max, "n_evals": prob.n_evals, "n_evals_laplace": evals_laplace,
                "lnl_laplace": lnl_laplace,
-               "boundary": boundary, "adapt": "every_eval", "tau_cov_model": tau_cov_model},
+               "boundary": boundary, "adapt": "every_eval", "tau_cov_model": tau_cov_model, "hessian": hess,
+               "psi": psi.clone()},
     )

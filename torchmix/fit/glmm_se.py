@@ -20,9 +20,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..covariance import lambda_from_theta, tau_from_lambda, theta_index
+from ..covariance import lambda_from_theta, n_theta, tau_from_lambda, theta_index
+from ..inference import safe_inverse_negative_hessian, sandwich
 
-__all__ = ["fd_hessian", "tau_of_theta", "tau_jacobian", "boundary_pattern"]
+__all__ = ["fd_hessian", "tau_of_theta", "tau_jacobian", "boundary_pattern", "assemble"]
 
 EPS_QUARTER = torch.finfo(torch.float64).eps ** 0.25
 
@@ -98,3 +99,62 @@ def boundary_pattern(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]
             pos += k
             offset += q
     return torch.cat(fixed), torch.cat(zero_tau), singular
+
+
+def assemble(psi: torch.Tensor, hess: torch.Tensor, free: torch.Tensor, fixed_theta: torch.Tensor,
+             zero_tau: torch.Tensor, ell: torch.Tensor, s_beta: torch.Tensor, s_lam: Sequence[torch.Tensor],
+             modes: Sequence[torch.Tensor], term_sizes, p: int, w_total: float, small_sample: str) -> dict:
+    r"""Estimates and sandwich covariances at the optimum :math:`\psi=(\beta,\theta)` (MATH.md 7.1, 7.4).
+
+    Parameters
+    ----------
+    psi : ``(p + n_theta,)`` sign-normalised estimates (boundary entries already 0).
+    hess : ``(m, m)`` Hessian of :math:`\ell/\sum_k w^{(L)}_k` over the ``free`` coordinates.
+    free : bool ``(p + n_theta,)``; fixed_theta : bool ``(n_theta,)``; zero_tau : bool ``(n_tau,)``
+        (:func:`boundary_pattern`).
+    ell : ``(G_L,)`` contributions; s_beta : ``(G_L, p)`` and s_lam (per level ``(G_L, q_l, q_l)``)
+        per-top-group scores (:meth:`~torchmix.likelihood.agq.AGQLogLik.top_scores`).
+    modes : per level ``(G_l, q_l)`` spherical modes.
+
+    Returns
+    -------
+    dict with the :class:`~torchmix.tensors.FitOutput` fields ``beta, cov_beta, cov_beta_model,
+    theta, tau, tau_cov, u, b, scores``, ``lnl`` and ``tau_cov_model`` (the model-based covariance
+    of ``tau``, for ``extra``).
+    """
+    dt, dev = psi.dtype, psi.device
+    s_theta = []
+    for ts, s in zip(term_sizes, s_lam):
+        rows, cols = theta_index(ts)
+        s_theta.append(s[:, rows, cols])
+    scores_psi = torch.cat([s_beta] + s_theta, dim=1)[:, free]
+    hess_raw = hess * w_total
+    v_free = sandwich(hess_raw, scores_psi, small_sample, what="fixed effects and variance components")
+    model_inv = safe_inverse_negative_hessian(hess_raw, what="fixed effects and variance components")
+    n_th = psi.numel() - p
+    free_theta = ~fixed_theta
+    jac = tau_jacobian(psi[p:], term_sizes)[:, free_theta.to(dev)]  # (n_tau, m_theta)
+    tau = tau_of_theta(psi[p:], term_sizes)
+    tau_cov = jac @ v_free[p:, p:] @ jac.transpose(0, 1)
+    tau_cov_model = jac @ model_inv[p:, p:] @ jac.transpose(0, 1)
+    zero_tau = zero_tau.to(dev)
+    if bool(zero_tau.any()):
+        tau = torch.where(zero_tau, torch.zeros_like(tau), tau)
+        nan = torch.tensor(float("nan"), dtype=dt, device=dev)
+        tau_cov = torch.where(zero_tau[:, None] | zero_tau[None, :], nan, tau_cov)
+        tau_cov_model = torch.where(zero_tau[:, None] | zero_tau[None, :], nan, tau_cov_model)
+    s_tau = torch.full((scores_psi.shape[0], n_th), float("nan"), dtype=dt, device=dev)
+    if int(free_theta.sum()) > 0:
+        s_tau_free = scores_psi[:, p:] @ torch.linalg.pinv(jac)
+        s_tau = torch.where(zero_tau[None, :], s_tau, s_tau_free)
+    thetas, u, b, pos = [], [], [], p
+    for ts, mode in zip(term_sizes, modes):
+        k = n_theta(ts)
+        th = psi[pos:pos + k].clone()
+        thetas.append(th)
+        u.append(mode)
+        b.append(mode @ lambda_from_theta(th, ts).transpose(0, 1))
+        pos += k
+    return dict(beta=psi[:p].clone(), cov_beta=v_free[:p, :p], cov_beta_model=model_inv[:p, :p], theta=thetas,
+                tau=tau, tau_cov=tau_cov, lnl=float(ell.sum()), u=u, b=b, tau_cov_model=tau_cov_model,
+                scores=torch.cat([scores_psi[:, :p], s_tau], dim=1))
