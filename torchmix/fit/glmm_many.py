@@ -7,15 +7,15 @@ its top-group contributions split by copy, and because copies share no parameter
 their sum with respect to the stacked parameters :math:`(\psi_1,\dots,\psi_{K'})` is the stack of
 the K' gradients (the Hessian is block diagonal).
 
-Each value starts from the first value's solution and modes and takes Newton steps with a
-per-value backtracking line search:
+Each value starts from the first value's solution and modes and takes quasi-Newton steps with a
+per-value backtracking line search, evaluating only the values still moving:
 
-1. with the first value's Hessian (a fixed-matrix Newton iteration, linearly convergent) until the
-   gradient is below the convergence tolerance;
+1. BFGS steps started from the first value's Hessian until the gradient is below the convergence
+   tolerance (the test of :func:`~torchmix.fit.glmm.fit_glmm`);
 2. the value's own Hessian there, by central differences of the exact gradient exactly as
    :func:`~torchmix.fit.glmm_se.fd_hessian` does it, the 2m difference evaluations batched over values;
-3. Newton steps with that Hessian to the polish tolerance, then per-top-group scores of all values
-   from one backward pass and the sandwich per value (:func:`~torchmix.fit.glmm_se.assemble`).
+3. per-top-group scores from the row-level derivatives kept from the value's last evaluation, and
+   the sandwich per value (:func:`~torchmix.fit.glmm_se.assemble`).
 
 A value that does not converge this way, or whose variance is near the boundary, is refitted on its
 own with :func:`~torchmix.fit.glmm.fit_glmm`, so the result always equals fitting each value
@@ -30,14 +30,16 @@ import torch
 
 from ..covariance import lambda_from_theta, n_theta
 from ..likelihood.agq import AGQLogLik
+from ..likelihood.segments import Grouping
 from ..tensors import FitOutput, LevelTensors, ModelTensors
-from .glmm import BOUNDARY_TOL, POLISH_STEPS, fit_glmm
+from .glmm import BOUNDARY_TOL, fit_glmm
 from .glmm_se import EPS_QUARTER, assemble, boundary_pattern
 
 __all__ = ["fit_glmm_many", "stack_responses"]
 
 FIXED_STEPS = 30     # quasi-Newton steps started from the first value's Hessian
 LINE_HALVINGS = 10
+STOP = 1.0           # stop when max |gradient| < STOP * tol
 
 
 def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTensors:
@@ -65,21 +67,41 @@ def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTens
 
 
 class _Stacked:
-    """The K' copies as one AGQ module; parameters are a ``(K', m)`` matrix, one row per value."""
+    """The K' values as stacked copies in one AGQ module; parameters are a ``(K', m)`` matrix.
+
+    Evaluations take a subset of the values (``rows``): a module over those copies only is built
+    when the subset changes, so values that have converged cost nothing. The modes of every value
+    are kept here between evaluations (warm starts), and so are the row-level derivatives of the
+    last accepted evaluation of each value, from which the per-top-group scores follow without
+    another evaluation.
+    """
 
     def __init__(self, tensors: ModelTensors, responses: torch.Tensor, family, n_quad: int, first: FitOutput):
-        self.tensors, self.k = tensors, responses.shape[1]
+        self.tensors, self.responses, self.family, self.n_quad = tensors, responses, family, n_quad
+        self.k = responses.shape[1]
         self.p = tensors.n_fixed
         self.term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
         self.sizes = [n_theta(ts) for ts in self.term_sizes]
         self.n_top = tensors.levels[-1].n_groups
         self.w_total = float(tensors.levels[-1].w_cond.sum())
-        self.module = AGQLogLik(stack_responses(tensors, responses), family, n_quad)
-        self.module.set_modes([u.repeat(self.k, 1) for u in first.u])
+        self.u = [mode[None].repeat(self.k, 1, 1) for mode in first.u]  # per level (K', G_l, q_l)
+        n = tensors.n_obs
+        self.row_grads = [torch.zeros(self.k, n, dtype=responses.dtype, device=responses.device)]
+        self.row_grads += [torch.zeros(self.k, n, lv.q, dtype=responses.dtype, device=responses.device)
+                           for lv in tensors.levels]
+        self.ell = torch.zeros(self.k, self.n_top, dtype=responses.dtype, device=responses.device)
+        self._cache = (None, None)
         self.n_evals = 0
 
+    def _module(self, rows: tuple) -> AGQLogLik:
+        key, module = self._cache
+        if key != rows:
+            module = AGQLogLik(stack_responses(self.tensors, self.responses[:, list(rows)]), self.family, self.n_quad)
+            self._cache = (rows, module)
+        return module
+
     def pieces(self, psi: torch.Tensor):
-        r"""Stacked :math:`\eta^0` ``(K'N,)`` and per level :math:`Z\Lambda_k` ``(K'N, q)``."""
+        r"""Stacked :math:`\eta^0` ``(kN,)`` and per level :math:`Z\Lambda` ``(kN, q)`` for ``psi (k, m)``."""
         eta0 = (self.tensors.X @ psi[:, :self.p].transpose(0, 1)).transpose(0, 1).reshape(-1)
         zls, pos = [], self.p
         for lv, ts, k in zip(self.tensors.levels, self.term_sizes, self.sizes):
@@ -88,35 +110,54 @@ class _Stacked:
             pos += k
         return eta0, zls
 
-    def value_grad(self, psi: torch.Tensor):
-        """Per-value log-likelihood ``(K',)`` and gradient of the normalised one ``(K', m)``."""
-        x = psi.detach().clone().requires_grad_(True)
+    def value_grad(self, psi: torch.Tensor, rows: torch.Tensor, keep_modes: bool = True):
+        """Log-likelihoods ``(r,)`` and gradients of the normalised ones ``(r, m)`` of the values
+        ``rows`` (bool ``(K',)``) at ``psi[rows]``; also returns the row-level derivatives."""
+        idx = tuple(torch.nonzero(rows).flatten().tolist())
+        module = self._module(idx)
+        sel = list(idx)
+        module.set_modes([u[sel].reshape(-1, u.shape[2]) for u in self.u])
+        x = psi[sel].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            per = self.module(*self.pieces(x)).reshape(self.k, self.n_top).sum(1)
-            (g,) = torch.autograd.grad(per.sum() / self.w_total, x)
+            eta0, zls = self.pieces(x)
+            ell = module(eta0, zls)
+            grads = torch.autograd.grad(ell.sum(), [x, eta0] + zls)
         self.n_evals += 1
-        return per.detach(), g.detach()
+        if keep_modes:
+            for u, new in zip(self.u, module.modes):
+                u[sel] = new.reshape(len(sel), -1, u.shape[2])
+        ell = ell.detach().reshape(len(sel), self.n_top)
+        return ell.sum(1), grads[0] / self.w_total, (ell, grads[1:])
 
-    def top_scores(self, psi: torch.Tensor):
-        """Per-value contributions ``(K', G_L)``, beta scores ``(K', G_L, p)`` and Lambda scores."""
-        with torch.no_grad():
-            eta0, zls = self.pieces(psi)
-        eta0 = eta0.requires_grad_(True)
-        zls = [z.requires_grad_(True) for z in zls]
-        with torch.enable_grad():
-            ell = self.module(eta0, zls)
-            grads = torch.autograd.grad(ell.sum(), [eta0] + zls)
-        self.n_evals += 1
-        top = self.module._grouping("top")
-        s_beta = top.sum(self.module.X * grads[0][:, None]).reshape(self.k, self.n_top, self.p)
-        zs = [self.module.Z2] + ([self.module.Z3] if len(zls) == 2 else [])
-        s_lam = [top.sum(z[:, :, None] * gz[:, None, :]).reshape(self.k, self.n_top, z.shape[1], z.shape[1])
-                 for z, gz in zip(zs, grads[1:])]
-        return ell.detach().reshape(self.k, self.n_top), s_beta, s_lam
+    def keep(self, rows: torch.Tensor, take: torch.Tensor, extra) -> None:
+        """Record the contributions and row derivatives of the accepted values ``take`` (a mask over
+        ``rows``) of an evaluation of ``rows``."""
+        sel = torch.nonzero(rows).flatten()[take]
+        ell, grads = extra
+        self.ell[sel] = ell[take]
+        n = self.tensors.n_obs
+        for store, g in zip(self.row_grads, grads):
+            store[sel] = g.reshape((int(rows.sum()), n) + tuple(store.shape[2:]))[take]
+
+    def top_scores(self):
+        """Per-value beta scores ``(K', G_L, p)`` and Lambda scores (per level ``(K', G_L, q, q)``)
+        from the recorded row derivatives: :math:`s_k = \sum_{i\in k} x_i\,\partial\ell/\partial\eta^0_i`,
+        :math:`S_k = \sum_{i\in k} z_i(\partial\ell/\partial\tilde z_i)^\top`."""
+        top = Grouping(self.tensors.row_top, self.n_top)
+        X, n = self.tensors.X, self.tensors.n_obs
+        g0 = self.row_grads[0].transpose(0, 1)  # (N, K')
+        s_beta = top.weighted(X[:, None, :] * g0[:, :, None], torch.ones_like(g0[:, 0]))
+        s_beta = s_beta.reshape(self.n_top, self.k, self.p).transpose(0, 1)
+        s_lam = []
+        for lv, gz in zip(self.tensors.levels, self.row_grads[1:]):
+            prod = lv.Z[:, None, :, None] * gz.transpose(0, 1)[:, :, None, :]  # (N, K', q, q)
+            s = top.weighted(prod, torch.ones(n, dtype=X.dtype, device=X.device))
+            s_lam.append(s.reshape(self.n_top, self.k, lv.q, lv.q).transpose(0, 1))
+        return s_beta, s_lam
 
     def modes(self, j: int) -> list:
         """Spherical modes of value ``j`` per level."""
-        return [u.reshape(self.k, -1, u.shape[1])[j].clone() for u in self.module.modes]
+        return [u[j].clone() for u in self.u]
 
 
 def _regular(psi_row: torch.Tensor, p: int, term_sizes) -> bool:
@@ -133,17 +174,19 @@ def _regular(psi_row: torch.Tensor, p: int, term_sizes) -> bool:
     return True
 
 
-def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_steps: int, update: bool = False):
-    """Per-value Newton steps :math:`\psi \leftarrow \psi + \alpha B^{-1}g` with backtracking on the
-    log-likelihood, for the values in ``active`` until their max |gradient| is below ``target``.
+def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_steps: int):
+    """Per-value quasi-Newton steps :math:`\psi \leftarrow \psi + \alpha B^{-1}g` with backtracking on the
+    log-likelihood, for the values in ``active`` until their max |gradient| is below ``target``;
+    only the values still moving are evaluated.
 
-    ``neg_hess`` is ``(K', m, m)``: positive definite approximations :math:`B` of the negated Hessians;
-    with ``update`` they receive the BFGS update after every accepted step (superlinear convergence
-    from the first value's Hessian). Returns ``(psi, val, g, steps, stuck)``.
+    ``neg_hess`` is ``(K', m, m)``: positive definite approximations :math:`B` of the negated Hessians,
+    which receive the BFGS update after every accepted step (superlinear convergence from the first
+    value's Hessian). Returns ``(psi, val, g, steps, stuck)``.
     """
     steps = torch.zeros(prob.k, dtype=torch.int64)
     stuck = torch.zeros(prob.k, dtype=torch.bool)
     b_mat = neg_hess.clone()
+    eye = torch.eye(psi.shape[1], dtype=psi.dtype, device=psi.device)
     for _ in range(max_steps):
         todo = active & ~stuck & (g.abs().amax(1) >= target)
         if not bool(todo.any()):
@@ -151,56 +194,55 @@ def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_st
         chol, info = torch.linalg.cholesky_ex(b_mat)
         stuck |= todo & (info != 0)
         todo &= info == 0
-        eye = torch.eye(psi.shape[1], dtype=psi.dtype, device=psi.device)
         chol = torch.where((info == 0)[:, None, None], chol, eye)
         step = torch.cholesky_solve(g[:, :, None], chol)[:, :, 0]
         alpha = torch.ones(prob.k, dtype=psi.dtype, device=psi.device)
         pending = todo.clone()
         old_psi, old_g = psi, g
         for _ in range(LINE_HALVINGS):
-            trial = torch.where(pending[:, None], psi + alpha[:, None] * step, psi)
-            tv, tg = prob.value_grad(trial)
-            ok = torch.isfinite(tv) & (tv >= val - 1e-12 * val.abs()) & torch.isfinite(tg).all(1)
-            take = pending & ok
-            psi = torch.where(take[:, None], trial, psi)
-            val = torch.where(take, tv, val)
-            g = torch.where(take[:, None], tg, g)
-            steps += take.to(torch.int64)
-            pending &= ~ok
             if not bool(pending.any()):
                 break
+            trial = torch.where(pending[:, None], psi + alpha[:, None] * step, psi)
+            tv, tg, extra = prob.value_grad(trial, pending)
+            ok = torch.isfinite(tv) & (tv >= val[pending] - 1e-12 * val[pending].abs()) & torch.isfinite(tg).all(1)
+            prob.keep(pending, ok, extra)
+            take = torch.zeros_like(pending)
+            take[pending] = ok
+            psi = torch.where(take[:, None], trial, psi)
+            val, g = val.clone(), g.clone()
+            val[take], g[take] = tv[ok], tg[ok]
+            steps += take.to(torch.int64)
+            pending &= ~take
             alpha = torch.where(pending, alpha / 2, alpha)
         stuck |= pending
-        if update:  # BFGS on B (Hessian of -l): s = step taken, y = -(change of the gradient of l)
-            s_vec, y_vec = psi - old_psi, old_g - g
-            bs = (b_mat @ s_vec[:, :, None])[:, :, 0]
-            sbs, ys = (s_vec * bs).sum(1), (y_vec * s_vec).sum(1)
-            good = (sbs > 0) & (ys > 1e-12 * sbs)
-            safe_sbs = torch.where(good, sbs, torch.ones_like(sbs))
-            safe_ys = torch.where(good, ys, torch.ones_like(ys))
-            change = (y_vec[:, :, None] * y_vec[:, None, :] / safe_ys[:, None, None]
-                      - bs[:, :, None] * bs[:, None, :] / safe_sbs[:, None, None])
-            b_mat = b_mat + torch.where(good[:, None, None], change, torch.zeros_like(change))
+        # BFGS on B (Hessian of -l): s = step taken, y = -(change of the gradient of l)
+        s_vec, y_vec = psi - old_psi, old_g - g
+        bs = (b_mat @ s_vec[:, :, None])[:, :, 0]
+        sbs, ys = (s_vec * bs).sum(1), (y_vec * s_vec).sum(1)
+        good = (sbs > 0) & (ys > 1e-12 * sbs)
+        safe_sbs = torch.where(good, sbs, torch.ones_like(sbs))
+        safe_ys = torch.where(good, ys, torch.ones_like(ys))
+        change = (y_vec[:, :, None] * y_vec[:, None, :] / safe_ys[:, None, None]
+                  - bs[:, :, None] * bs[:, None, :] / safe_sbs[:, None, None])
+        b_mat = b_mat + torch.where(good[:, None, None], change, torch.zeros_like(change))
     return psi, val, g, steps, stuck
 
 
-def _fd_hessians(prob: _Stacked, psi: torch.Tensor) -> torch.Tensor:
-    """Per-value central-difference Hessians ``(K', m, m)`` of the normalised log-likelihood,
-    the step and warm starts of :func:`~torchmix.fit.glmm_se.fd_hessian`."""
-    base_modes = prob.module.modes
+def _fd_hessians(prob: _Stacked, psi: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-value central-difference Hessians ``(K', m, m)`` of the normalised log-likelihood (rows
+    outside ``rows`` left 0), with the step and warm starts of :func:`~torchmix.fit.glmm_se.fd_hessian`."""
+    hess = torch.zeros(prob.k, psi.shape[1], psi.shape[1], dtype=psi.dtype, device=psi.device)
     cols = []
     for r in range(psi.shape[1]):
         h = (psi[:, r].abs() + 1.0) * EPS_QUARTER
         e = torch.zeros_like(psi)
         e[:, r] = h
-        prob.module.set_modes(base_modes)
-        g_plus = prob.value_grad(psi + e)[1]
-        prob.module.set_modes(base_modes)
-        g_minus = prob.value_grad(psi - e)[1]
-        cols.append((g_plus - g_minus) / (2.0 * h[:, None]))
-    prob.module.set_modes(base_modes)
-    hess = torch.stack(cols, dim=2)
-    return 0.5 * (hess + hess.transpose(1, 2))
+        g_plus = prob.value_grad(psi + e, rows, keep_modes=False)[1]
+        g_minus = prob.value_grad(psi - e, rows, keep_modes=False)[1]
+        cols.append((g_plus - g_minus) / (2.0 * h[rows, None]))
+    sub = torch.stack(cols, dim=2)
+    hess[rows] = 0.5 * (sub + sub.transpose(1, 2))
+    return hess
 
 
 def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_quad: int = 13, max_iter: int = 100,
@@ -236,45 +278,40 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
     psi0, hess0 = first.extra.get("psi"), first.extra.get("hessian")
     usable = (psi0 is not None and hess0 is not None and first.converged and not first.extra.get("boundary")
               and hess0.shape[0] == psi0.numel() and _regular(psi0, p, term_sizes))
-    chol0, info = torch.linalg.cholesky_ex(-hess0) if usable else (None, 1)
-    if not usable or int(info) != 0:  # a boundary or indefinite start: fit one by one
+    if not usable or int(torch.linalg.cholesky_ex(-hess0)[1]) != 0:  # a boundary or indefinite start: fit one by one
         return [first] + [fit_alone(k) for k in range(1, k_all)]
 
     prob = _Stacked(tensors, responses[:, 1:], family, n_quad, first)
-    psi = psi0.expand(prob.k, -1).clone()
-    val, g = prob.value_grad(psi)
     everyone = torch.ones(prob.k, dtype=torch.bool)
-    # 1. fixed Hessian (the first value's) to the convergence tolerance
-    psi, val, g, steps, stuck = _newton(prob, psi, val, g, (-hess0).expand(prob.k, -1, -1), everyone, tol,
-                                        FIXED_STEPS, update=True)
-    ok = ~stuck & (g.abs().amax(1) < tol) & torch.isfinite(val)
-    ok &= torch.tensor([_regular(row, p, term_sizes) for row in psi], dtype=torch.bool)
-    # 2. each value's own Hessian there (as the separate fit computes it), 3. polish with it
-    hess = _fd_hessians(prob, psi)
-    ok &= torch.linalg.cholesky_ex(-hess)[1] == 0
-    neg = torch.where(ok[:, None, None], -hess, torch.eye(psi.shape[1], dtype=psi.dtype, device=psi.device))
-    psi, val, g, more, stuck = _newton(prob, psi, val, g, neg, ok, tol * 1e-3, POLISH_STEPS)
-    steps += more
+    psi = psi0.expand(prob.k, -1).clone()
+    val, g, extra = prob.value_grad(psi, everyone)
+    prob.keep(everyone, everyone, extra)
+    # 1. quasi-Newton from the first value's Hessian to the convergence tolerance
+    psi, val, g, steps, _ = _newton(prob, psi, val, g, (-hess0).expand(prob.k, -1, -1), everyone, tol * STOP,
+                                    FIXED_STEPS)
     grad_max = g.abs().amax(1)
-    ok &= torch.isfinite(val) & (grad_max < tol)
-
-    out = [first]
+    ok = (grad_max < tol) & torch.isfinite(val)
+    ok &= torch.tensor([_regular(row, p, term_sizes) for row in psi], dtype=torch.bool)
+    # 2. each value's own Hessian at its optimum (as the separate fit computes it)
     if bool(ok.any()):
-        ell, s_beta, s_lam = prob.top_scores(psi)
+        hess = _fd_hessians(prob, psi, ok)
+        ok &= torch.linalg.cholesky_ex(-hess)[1] == 0
+        s_beta, s_lam = prob.top_scores()
+    out = [first]
     for j in range(prob.k):
         if not bool(ok[j]):
             out.append(fit_alone(j + 1))
             continue
         fixed_theta, zero_tau, _ = boundary_pattern(psi[j, p:], term_sizes, BOUNDARY_TOL)
         free = torch.cat([torch.ones(p, dtype=torch.bool), ~fixed_theta]).to(psi.device)
-        est = assemble(psi[j], hess[j], free, fixed_theta, zero_tau, ell[j], s_beta[j], [s[j] for s in s_lam],
+        est = assemble(psi[j], hess[j], free, fixed_theta, zero_tau, prob.ell[j], s_beta[j], [s[j] for s in s_lam],
                        prob.modes(j), term_sizes, p, prob.w_total, small_sample)
         lnl = est.pop("lnl")
         gm = float(grad_max[j])
         out.append(FitOutput(
             **est, sigma=None, lnl=lnl, converged=True, iterations=int(steps[j]),
             message=f"converged (max |gradient| {gm:.3g} < {tol:.3g})",
-            extra={"n_quad": prob.module.n_quad, "grad_max": gm, "n_evals": prob.n_evals, "n_evals_laplace": 0,
+            extra={"n_quad": prob.n_quad, "grad_max": gm, "n_evals": prob.n_evals, "n_evals_laplace": 0,
                    "lnl_laplace": math.nan, "boundary": [], "adapt": "every_eval", "hessian": hess[j],
                    "psi": psi[j].clone(), "batched": True}))
     return out
