@@ -11,7 +11,9 @@ in closed form. Standard errors:
   \Lambda_l^\top)`; the residual variance from the level-2 block.
 
 Scores are per top-level group, the Jacobian of the vector :math:`(\ell_k)_k` of (4.3); Jacobians
-and Hessians by reverse-mode autodiff (:mod:`~torchmix.fit.jacobians`, safe in threads).
+and Hessians by reverse-mode autodiff (:mod:`~torchmix.fit.jacobians`, safe in threads). Two-level
+models use closed forms instead (:mod:`torchmix.likelihood.gaussian_grad`) for the gradient of
+:math:`\ell_p`, the scores and the :math:`(\theta,\sigma)` Hessian.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..covariance import (diagonal_theta_mask, identity_theta, lambda_from_theta
                           normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau)
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
+from ..likelihood import gaussian_grad as closed_form
 from ..likelihood.gaussian import GaussianLikelihood
 from ..progress import progress_bar
 from ..report.boundary import boundary_warning_text
@@ -145,8 +148,12 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     sizes = [n_theta(ts) for ts in term_sizes]
     n_w = lik.n_w
 
-    def objective(flat):
-        return -lik(_split(flat, sizes)) / n_w
+    if closed_form.supported(lik):  # two levels: gradient in closed form, no autograd graph
+        def objective(flat):
+            return -closed_form.profiled(lik, [flat]) / n_w
+    else:
+        def objective(flat):
+            return -lik(_split(flat, sizes)) / n_w
 
     theta0 = _start_theta(tensors, start, p)
     with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
@@ -170,6 +177,8 @@ def _standard_error_pieces(lik: GaussianLikelihood, beta, thetas, sigma, sizes):
     """
     p = beta.shape[-1]
     psi = torch.cat([beta] + list(thetas) + [sigma.reshape(1)])
+    if closed_form.supported(lik):  # two levels: scores and Hessian in closed form
+        return (psi,) + closed_form.standard_error_pieces(lik, beta, thetas[0], sigma)
 
     def ell_k(vec):
         return lik.loglik_by_group(vec[:p], _split(vec[p:-1], sizes), vec[-1])
