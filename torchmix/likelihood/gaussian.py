@@ -37,13 +37,14 @@ __all__ = ["GaussianLikelihood", "gaussian_loglik_by_group", "weighted_crossprod
 _CHUNK_ROWS = 1 << 17
 
 
-def weighted_crossproducts(m: torch.Tensor, w: torch.Tensor, group: torch.Tensor, n_groups: int,
+def weighted_crossproducts(m, w: torch.Tensor, group: torch.Tensor, n_groups: int,
                            chunk_rows: int = _CHUNK_ROWS) -> torch.Tensor:
     r"""Per-group weighted crossproducts :math:`CP_g = \sum_{i\in g} w_i m_i m_i^\top`.
 
     Parameters
     ----------
-    m : ``(N, d)``; w : ``(N,)`` positive; group : int64 ``(N,)`` in ``[0, n_groups)``.
+    m : ``(N, d)``, or a list of ``(N, d_k)`` column blocks (``m`` is their concatenation; passing
+        the blocks saves a copy); w : ``(N,)`` positive; group : int64 ``(N,)`` in ``[0, n_groups)``.
 
     Returns
     -------
@@ -52,26 +53,39 @@ def weighted_crossproducts(m: torch.Tensor, w: torch.Tensor, group: torch.Tensor
     Notes
     -----
     When groups are of similar size the rows :math:`\sqrt{w_i}m_i` are laid into a zero-padded
-    ``(G, n_max, d)`` tensor and multiplied with one batched GEMM; otherwise outer products are
-    accumulated with ``index_add`` in chunks of ``chunk_rows`` rows (extra memory
-    ``chunk_rows * d * d`` values).
+    ``(G, n_max, d)`` tensor and multiplied with one batched GEMM (when the rows are sorted by group
+    and every group has ``n_max`` rows, the scaled rows are that tensor already: no scatter);
+    otherwise outer products are accumulated with ``index_add`` in chunks of ``chunk_rows`` rows
+    (extra memory ``chunk_rows * d * d`` values).
     """
-    n, d = m.shape
+    blocks = [m] if torch.is_tensor(m) else list(m)
+    n, d = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+    ref = blocks[0]
     counts = torch.bincount(group, minlength=n_groups)
     n_max = int(counts.max()) if n else 0
     if n and n_groups * n_max <= 3 * n:
-        if bool((group[1:] >= group[:-1]).all()):
-            order, sorted_group = None, group
+        rows = torch.empty(n, d, dtype=ref.dtype, device=ref.device)
+        sw = torch.sqrt(w)[:, None]
+        col = 0
+        for b in blocks:  # scaled rows written in place, block by block (one pass)
+            torch.mul(b, sw, out=rows[:, col:col + b.shape[1]])
+            col += b.shape[1]
+        is_sorted = bool((group[1:] >= group[:-1]).all())
+        if is_sorted and n_groups * n_max == n:
+            padded = rows.reshape(n_groups, n_max, d)
         else:
-            sorted_group, order = torch.sort(group, stable=True)
-        start = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(n, device=m.device) - start[sorted_group]
-        rows = m * torch.sqrt(w)[:, None]
-        padded = torch.zeros(n_groups * n_max, d, dtype=m.dtype, device=m.device)
-        padded[sorted_group * n_max + rank] = rows if order is None else rows[order]
-        padded = padded.reshape(n_groups, n_max, d)
+            if is_sorted:
+                order, sorted_group = None, group
+            else:
+                sorted_group, order = torch.sort(group, stable=True)
+            start = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(n, device=ref.device) - start[sorted_group]
+            padded = torch.zeros(n_groups * n_max, d, dtype=ref.dtype, device=ref.device)
+            padded[sorted_group * n_max + rank] = rows if order is None else rows[order]
+            padded = padded.reshape(n_groups, n_max, d)
         out = padded.transpose(1, 2) @ padded
     else:
+        m = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
         out = torch.zeros(n_groups, d * d, dtype=m.dtype, device=m.device)
         for first in range(0, n, chunk_rows):
             sl = slice(first, first + chunk_rows)
@@ -118,10 +132,10 @@ class GaussianLikelihood(nn.Module):
         if tensors.offset is not None:  # identity link: fit y - offset
             ys = ys - tensors.offset[:, None]
         self.n_responses = int(ys.shape[1])
-        m = torch.cat([lv.Z for lv in tensors.levels] + [tensors.X, ys], dim=1)
+        m = [lv.Z for lv in tensors.levels] + [tensors.X, ys]
         cp = weighted_crossproducts(m, tensors.w1_cond, lv2.group, lv2.n_groups)
         top = tensors.levels[-1]
-        self.n_w_top = torch.zeros(top.n_groups, dtype=m.dtype, device=m.device).index_add(
+        self.n_w_top = torch.zeros(top.n_groups, dtype=cp.dtype, device=cp.device).index_add(
             0, tensors.row_top, tensors.w1_uncond)
         self.n_w = float(tensors.w1_uncond.sum())
         # level-2 blocks (own effects o, rest r) for every response, and the part of the next
@@ -132,7 +146,7 @@ class GaussianLikelihood(nn.Module):
         if lv2.parent is None:
             const = torch.einsum("g,gab->ab", lv2.w_uncond, c_rr)
         else:
-            const = torch.zeros(tensors.levels[1].n_groups, *c_rr.shape[1:], dtype=m.dtype, device=m.device)
+            const = torch.zeros(tensors.levels[1].n_groups, *c_rr.shape[1:], dtype=cp.dtype, device=cp.device)
             const = const.index_add(0, lv2.parent, lv2.w_cond[:, None, None] * c_rr)
         self._all = (c_or, c_rr, const)
         self.c_or, self.c_rr, self.rr_const = (t[0] for t in self.response_blocks([0]))

@@ -36,7 +36,7 @@ import torch
 from ..covariance import theta_index
 from .modes import solve_upper_t
 
-__all__ = ["supported", "profiled", "profiled_loglik", "scores_by_group", "hessian_vc", "total_gradient"]
+__all__ = ["supported", "profiled", "profiled_loglik", "scores_by_group", "hessian_vc", "standard_error_pieces", "total_gradient"]
 
 
 def supported(lik) -> bool:
@@ -82,13 +82,28 @@ def profiled_loglik(lik, theta: torch.Tensor):
     return ell, _theta_entries(lik, grad_lam)
 
 
-def scores_by_group(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    r"""Per-group scores of (4.3) over :math:`\psi = (\beta, \theta, \sigma)`, ``(G, p + n_theta + 1)``."""
+def _at(lik, beta: torch.Tensor, theta: torch.Tensor):
+    """One integration pass and the per-group terms at :math:`(\beta, \theta)`."""
     ps = lik.integrate([theta])
     xi = torch.cat([beta, -torch.ones(1, dtype=beta.dtype, device=beta.device)])
-    logdet_part, resid, m, u = _group_terms(lik, ps, xi)
+    terms = _group_terms(lik, ps, xi)
+    s_xi = lik.c_rr @ xi - (ps.v[0].transpose(1, 2) @ terms[3][:, :, None])[:, :, 0]   # (G, r) = S xi
+    return ps, xi, terms, s_xi
+
+
+def standard_error_pieces(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor):
+    r"""Scores ``(G, p + n_theta + 1)``, :math:`K_{\beta\beta}` ``(p, p)`` and the :math:`(\theta,\sigma)`
+    Hessian from one integration pass."""
+    at = _at(lik, beta, theta)
+    p = beta.shape[-1]
+    return (scores_by_group(lik, beta, theta, sigma, at), lik.k_top(at[0])[:p, :p],
+            hessian_vc(lik, beta, theta, sigma, at))
+
+
+def scores_by_group(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor, at=None) -> torch.Tensor:
+    r"""Per-group scores of (4.3) over :math:`\psi = (\beta, \theta, \sigma)`, ``(G, p + n_theta + 1)``."""
+    ps, xi, (logdet_part, resid, m, u), s_xi = _at(lik, beta, theta) if at is None else at
     w = lik.tensors.levels[0].w_uncond
-    s_xi = lik.c_rr @ xi - (ps.v[0].transpose(1, 2) @ u[:, :, None])[:, :, 0]   # (G, r) = S xi
     quad = s_xi @ xi
     sigma2 = sigma * sigma
     p = beta.shape[-1]
@@ -98,7 +113,7 @@ def scores_by_group(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.T
     return torch.cat([s_beta, _theta_entries(lik, s_lam), s_sigma[:, None]], dim=1)
 
 
-def hessian_vc(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def hessian_vc(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor, at=None) -> torch.Tensor:
     r"""Hessian of :math:`\ell(\beta,\theta,\sigma)` over :math:`(\theta, \sigma)` at fixed :math:`\beta`, in closed form.
 
     With :math:`P = A^{-1}`, :math:`B = A^{-1}\Lambda^\top C`, :math:`\rho = c - C\Lambda m` and
@@ -114,9 +129,7 @@ def hessian_vc(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor
     the :math:`\sigma` entries are :math:`\sum_j (N_{w,j}/\sigma^2 - 3w_j\xi^\top S_j\xi/\sigma^4)` and
     :math:`-\tfrac2{\sigma^3}\sum_j w_j\rho_jm_j^\top`. Shape ``(n_theta + 1, n_theta + 1)``.
     """
-    ps = lik.integrate([theta])
-    xi = torch.cat([beta, -torch.ones(1, dtype=beta.dtype, device=beta.device)])
-    logdet_part, rho, m, u = _group_terms(lik, ps, xi)
+    ps, xi, (logdet_part, rho, m, u), s_xi = _at(lik, beta, theta) if at is None else at
     chol, lam, c = ps.chol[0], ps.lams[0], lik.c_oo
     q = c.shape[-1]
     w = lik.tensors.levels[0].w_uncond
@@ -136,7 +149,6 @@ def hessian_vc(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor
     flat = (rows * q + cols).to(c.device)
     h_tt = h_lam[flat][:, flat]
     h_ts = (-2.0 / (sigma2 * sigma)) * _theta_entries(lik, torch.einsum("ga,gb->ab", wr, m))
-    s_xi = lik.c_rr @ xi - (ps.v[0].transpose(1, 2) @ u[:, :, None])[:, :, 0]
     h_ss = (lik.n_w_top / sigma2 - 3.0 * w * (s_xi @ xi) / (sigma2 * sigma2)).sum()
     top = torch.cat([h_tt, h_ts[:, None]], dim=1)
     bottom = torch.cat([h_ts, h_ss.reshape(1)])[None, :]
