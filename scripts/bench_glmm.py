@@ -11,6 +11,10 @@ random effect, level-1 weights on the response), ``n_quad`` = 13. For each size 
   optimiser of a process pays a one-off import) and that time in units of one evaluation (goal at
   N = 1e5: <= 60), with the number of likelihood evaluations the fit made.
 
+Times are CPU times of this process (less disturbed than wall time when other work shares the
+machine). The last line states the goal at 10^5 rows: one evaluation with gradient costs at most 4
+softplus passes (MET or NOT MET).
+
 Usage: ``python scripts/bench_glmm.py [--sizes 1e4 1e5 1e6] [--fit-sizes ...] [--threads K]``.
 """
 
@@ -75,13 +79,14 @@ def bench_size(n_rows: int, args) -> dict:
     evaluate(0)
     evaluate(1)
     t_eval, t_soft = [], []
+    clock = time.process_time
     for k in range(args.reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         evaluate(k)
-        t_eval.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t_eval.append(clock() - t0)
+        t0 = clock()
         torch.nn.functional.softplus(ref)
-        t_soft.append(time.perf_counter() - t0)
+        t_soft.append(clock() - t0)
     out = {"n": n_rows, "groups": tens.levels[0].n_groups, "eval": best(t_eval), "softplus": best(t_soft)}
     if n_rows in args.fit_sizes:
         t0 = time.perf_counter()
@@ -118,9 +123,12 @@ def main(argv=None):
               f"{'fit+SE s':>9} {'fit/eval':>8} {'evals':>6}")
     print(header)
     print("-" * len(header))
+    goal = None
     for n in args.sizes:
         r = bench_size(n, args)
         ratio = r["eval"][0] / r["softplus"][0]
+        if n == 100_000:
+            goal = ratio
         line = (f"{r['n']:>9d} {r['groups']:>7d} {r['eval'][0]:>9.4f} ({r['eval'][1]:.4f}) "
                 f"{r['softplus'][0]:>9.5f} ({r['softplus'][1]:.5f}) {ratio:>6.2f}")
         if "fit" in r:
@@ -129,6 +137,10 @@ def main(argv=None):
                 line += "  (not converged)"
         print(line, flush=True)
     print("\ngoals: ratio <= 4; fit/eval <= 60 at 1e5 rows")
+    if goal is not None:
+        print(f"GOAL one AGQ evaluation with gradient <= 4 softplus passes over N x {args.n_quad} at 10^5 rows: "
+              f"{goal:.2f} -> {'MET' if goal <= 4 else 'NOT MET'} (load average {os.getloadavg()[0]:.1f}; "
+              "other work on the machine disturbs the figures)")
 
 
 if __name__ == "__main__":
