@@ -25,15 +25,18 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
-from torchmix.families import get_family
-from torchmix.fit.glmm import fit_glmm
-from torchmix.likelihood.agq import AGQLogLik
-from torchmix.tensors import LevelTensors, ModelTensors
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's torchmix
+
+from torchmix.families import get_family  # noqa: E402
+from torchmix.fit.glmm import fit_glmm  # noqa: E402
+from torchmix.likelihood.agq import AGQLogLik  # noqa: E402
+from torchmix.tensors import LevelTensors, ModelTensors  # noqa: E402
 
 
 def simulate(n_rows: int, group_size: int, seed: int) -> ModelTensors:

@@ -21,15 +21,18 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 import torch
 
-import torchmix as tm
-from torchmix.api import _prepare
-from torchmix.fit.gaussian import fit_gaussian
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's torchmix
+
+import torchmix as tm  # noqa: E402
+from torchmix.api import _prepare  # noqa: E402
+from torchmix.fit.gaussian import fit_gaussian  # noqa: E402
 
 
 def simulate(n_rows: int, seed: int = 0) -> pd.DataFrame:
