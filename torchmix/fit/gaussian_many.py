@@ -17,6 +17,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from ..covariance import n_theta, normalise_theta_signs
+from ..likelihood import gaussian_grad as closed_form
 from ..likelihood.gaussian import GaussianLikelihood
 from ..tensors import FitOutput, ModelTensors
 from .gaussian import BOUNDARY_TOL, _finish, _split, _standard_error_pieces, fit_gaussian
@@ -63,7 +64,15 @@ def fit_gaussian_many(tensors: ModelTensors, responses: torch.Tensor, *, max_ite
         with lik.using(c_or, c_rr, rr_const):
             return -lik(_split(theta_flat, sizes)) / n_w
 
-    value_grad = vmap(grad_and_value(objective))
+    if closed_form.supported(lik):  # two levels: value and gradient in closed form, no autograd
+        def closed(theta_flat, c_or, c_rr, rr_const):
+            with lik.using(c_or, c_rr, rr_const):
+                ell, grad = closed_form.profiled_loglik(lik, theta_flat)
+            return -grad / n_w, -ell / n_w
+
+        value_grad = vmap(closed)
+    else:
+        value_grad = vmap(grad_and_value(objective))
 
     def evaluate(theta):
         g, v = value_grad(theta, *blocks)
