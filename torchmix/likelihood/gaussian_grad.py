@@ -23,8 +23,8 @@ and, by the envelope theorem (:math:`r^2 = \min_\beta \xi^\top K\xi`), the profi
 \tfrac{N_w}{r^2}w_j(c_j - C_j\Lambda\hat m_j)\hat m_j^\top\big]` at :math:`\hat\beta`. The
 :math:`\theta` derivatives are the entries of :math:`\partial_\Lambda` at the free positions. Every
 step is a small per-group operation on :math:`q\times q` and :math:`q\times r` blocks: no autograd
-graph, and the functions are composable with ``torch.func`` (the Hessian is forward-mode over
-:func:`total_gradient`).
+graph, and the functions can be ``vmap``-ed over responses. :func:`hessian_vc` gives the
+:math:`(\theta,\sigma)` Hessian in closed form as well.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 from ..covariance import theta_index
 from .modes import solve_upper_t
 
-__all__ = ["supported", "profiled", "profiled_loglik", "scores_by_group", "hessian_vc", "standard_error_pieces", "total_gradient"]
+__all__ = ["supported", "profiled", "profiled_loglik", "scores_by_group", "hessian_vc",
+           "standard_error_pieces"]
 
 
 def supported(lik) -> bool:
@@ -153,12 +154,6 @@ def hessian_vc(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor
     top = torch.cat([h_tt, h_ts[:, None]], dim=1)
     bottom = torch.cat([h_ts, h_ss.reshape(1)])[None, :]
     return torch.cat([top, bottom], dim=0)
-
-
-def total_gradient(lik, beta: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-    r"""Gradient of :math:`\ell(\beta,\theta,\sigma)` over ``vc`` :math:`= (\theta, \sigma)` at fixed :math:`\beta`."""
-    p = beta.shape[-1]
-    return scores_by_group(lik, beta, vc[:-1], vc[-1]).sum(0)[p:]
 
 
 class _ProfiledFn(torch.autograd.Function):
