@@ -74,3 +74,15 @@ def test_stacked_copies_evaluate_each_value(levels):
     for k in range(3):
         alone = AGQLogLik(t.with_response(ys[:, k]), fam, 5).loglik(beta, lams)
         np.testing.assert_allclose(stacked.reshape(3, -1)[k].numpy(), alone.numpy(), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_logit_values_with_an_offset_batched_equal_separate():
+    df, cols = _with_values(tm.load_dataset("contraception"), 2, seed=7)
+    df["off"] = 0.02 * df["age"]
+    kw = dict(weights=["w1", "w2"], family="binomial", progress=False, offset="off")
+    rhs = "urban + (1 | district)"
+    pooled = tm.mix(f"y ~ {rhs}", df, plausible_values={"y": cols}, **kw)
+    assert [f._out.extra.get("batched", False) for f in pooled.fits] == [False, True]
+    for col, fit in zip(cols, pooled.fits):
+        assert_fits_equal(fit, tm.mix(f"{col} ~ {rhs}", df, **kw))

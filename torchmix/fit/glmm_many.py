@@ -61,9 +61,10 @@ def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTens
                                    group=lv.group.repeat(k_all) + copy_rows * lv.n_groups, parent=parent,
                                    n_groups=k_all * lv.n_groups, w_cond=lv.w_cond.repeat(k_all),
                                    w_uncond=lv.w_uncond.repeat(k_all), top=lv.top.repeat(k_all) + copy_groups * n_top))
+    offset = None if tensors.offset is None else tensors.offset.repeat(k_all)
     return ModelTensors(X=tensors.X.repeat(k_all, 1), y=responses.transpose(0, 1).reshape(-1),
                         w1_cond=tensors.w1_cond.repeat(k_all), w1_uncond=tensors.w1_uncond.repeat(k_all),
-                        levels=tuple(levels))
+                        levels=tuple(levels), offset=offset)
 
 
 class _Stacked:
@@ -101,8 +102,11 @@ class _Stacked:
         return module
 
     def pieces(self, psi: torch.Tensor):
-        r"""Stacked :math:`\eta^0` ``(kN,)`` and per level :math:`Z\Lambda` ``(kN, q)`` for ``psi (k, m)``."""
-        eta0 = (self.tensors.X @ psi[:, :self.p].transpose(0, 1)).transpose(0, 1).reshape(-1)
+        r"""Stacked :math:`\eta^0 = X\beta + \text{offset}` ``(kN,)`` and per level :math:`Z\Lambda` ``(kN, q)`` for ``psi (k, m)``."""
+        eta0 = self.tensors.X @ psi[:, :self.p].transpose(0, 1)             # (N, k)
+        if self.tensors.offset is not None:
+            eta0 = eta0 + self.tensors.offset[:, None]
+        eta0 = eta0.transpose(0, 1).reshape(-1)
         zls, pos = [], self.p
         for lv, ts, k in zip(self.tensors.levels, self.term_sizes, self.sizes):
             lams = torch.stack([lambda_from_theta(row, ts) for row in psi[:, pos:pos + k]])
