@@ -311,11 +311,13 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
         est = assemble(psi[j], hess[j], free, fixed_theta, zero_tau, prob.ell[j], s_beta[j], [s[j] for s in s_lam],
                        prob.modes(j), term_sizes, p, prob.w_total, small_sample)
         lnl = est.pop("lnl")
+        tau_cov_model = est.pop("tau_cov_model")
         gm = float(grad_max[j])
         out.append(FitOutput(
             **est, sigma=None, lnl=lnl, converged=True, iterations=int(steps[j]),
             message=f"converged (max |gradient| {gm:.3g} < {tol:.3g})",
             extra={"n_quad": prob.n_quad, "grad_max": gm, "n_evals": prob.n_evals, "n_evals_laplace": 0,
-                   "lnl_laplace": math.nan, "boundary": [], "adapt": "every_eval", "hessian": hess[j],
+                   "lnl_laplace": math.nan, "boundary": [], "adapt": "every_eval", "tau_cov_model": tau_cov_model,
+                   "hessian": hess[j],
                    "psi": psi[j].clone(), "batched": True}))
     return out
