@@ -280,7 +280,7 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
     tau_cov_model = est.pop("tau_cov_model")
     boundary = [int(i) for i in torch.nonzero(zero_tau).flatten().tolist()]
     if boundary or singular:
-        warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
+        warn(boundary_warning_text(est["theta"], term_sizes, BOUNDARY_TOL), BoundaryWarning)
     if converged:
         message = f"converged (max |gradient| {grad_max:.3g} < {tol:.3g})"
     else:
