@@ -29,6 +29,7 @@ from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .jacobians import hessian, jacobian
 from .optimize import minimize
+from .standardize import Standardizer
 
 __all__ = ["fit_gaussian", "BOUNDARY_TOL"]
 
@@ -135,10 +136,21 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     small_sample : ``"G/(G-1)"`` or ``"none"`` (factor of the sandwich meat).
     progress : show a progress bar.
 
+    The fit is made on standardised columns (:mod:`torchmix.fit.standardize`) and carried back, so
+    that it does not depend on the units of the predictors.
+
     Returns
     -------
     :class:`~torchmix.tensors.FitOutput`
     """
+    std = Standardizer.from_tensors(tensors)
+    out = _fit_standardized(std.tensors(tensors), std.start(start, residual=True), max_iter, tol, small_sample,
+                            progress)
+    return std.output(out, gaussian=True)
+
+
+def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, small_sample: str,
+                      progress: bool) -> FitOutput:
     lik = GaussianLikelihood(tensors)
     p = tensors.n_fixed
     term_sizes = [lv.term_sizes for lv in tensors.levels]

@@ -37,6 +37,7 @@ from ..warn import warn
 from .glm_start import parse_start, weighted_glm
 from .glmm_se import boundary_pattern, fd_hessian, tau_jacobian, tau_of_theta
 from .lbfgs import LBFGSState, lbfgs_rounds
+from .standardize import Standardizer
 
 __all__ = ["fit_glmm", "BOUNDARY_TOL"]
 
@@ -211,7 +212,10 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
     w_total = float(top.w_cond.sum())
     bar = progress_bar(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress)
     try:
-        return _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev)
+        std = Standardizer.from_tensors(tensors)
+        out = _fit(std.tensors(tensors), family, n_quad, std.start(start, residual=False), max_iter, tol, small_sample,
+                   bar, p, term_sizes, w_total, dt, dev)
+        return std.output(out, gaussian=False)
     finally:
         bar.close()
 
