@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .arguments import attach_weight_series, resolve_aliases
+from .checks import check_identifiable
 from .design import Design, build_design
 from .design_variance import resolve_design_variance
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
@@ -28,6 +29,7 @@ from .fit.gaussian_many import fit_gaussian_many
 from .fit.glmm import fit_glmm
 from .formula import parse_formula
 from .plausible import fit_plausible_values
+from .quadrature import check_n_quad
 from .replication import apply_design_variance
 from .report.call import call_text, model_options
 from .report.se_type import check_df_rule, warn_few_clusters
@@ -87,7 +89,7 @@ def _resolve_n_quad(n_quad) -> int:
         raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
     if float(n_quad) != round(float(n_quad)):
         warn(f"n_quad={n_quad} is not an integer; rounded to {round(float(n_quad))}", TorchmixWarning)
-    return int(round(float(n_quad)))
+    return check_n_quad(n_quad)
 
 
 def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.ndarray:
@@ -162,6 +164,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
         design.notes.append(plan.note)
     y = _validate_response(fam, design.y_raw, parsed.response, gaussian)
     design.tensors = design.tensors.with_response(torch.as_tensor(y, dtype=dt, device=dev))
+    check_identifiable(design, getattr(fam, "name", ""), design.tensors.y)
     responses = None
     if pv_cols is not None:
         responses = {}

@@ -30,7 +30,7 @@ from ..errors import BoundaryWarning, ConfigError, ConvergenceWarning, Numerical
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.agq import AGQLogLik
 from ..progress import progress_bar
-from ..quadrature import check_n_quad
+from ..quadrature import check_grid_size, check_n_quad
 from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
@@ -200,6 +200,7 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
         ``start`` of the wrong length.
     """
     n_quad = check_n_quad(n_quad)
+    check_grid_size(n_quad, sum(lv.q for lv in tensors.levels), tensors.n_obs)
     if getattr(family, "has_dispersion", False):
         raise ConfigError(f"family {family!r} has a dispersion parameter; quadrature fits support the binomial "
                           "and poisson families (and user families without dispersion)")
@@ -213,11 +214,24 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
     bar = progress_bar(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress)
     try:
         std = Standardizer.from_tensors(tensors)
-        out = _fit(std.tensors(tensors), family, n_quad, std.start(start, residual=False), max_iter, tol, small_sample,
-                   bar, p, term_sizes, w_total, dt, dev)
+        try:
+            out = _fit(std.tensors(tensors), family, n_quad, std.start(start, residual=False), max_iter, tol,
+                       small_sample, bar, p, term_sizes, w_total, dt, dev)
+        except torch.linalg.LinAlgError as exc:
+            raise NumericalError(_curvature_message(family)) from exc
         return std.output(out, gaussian=False)
     finally:
         bar.close()
+
+
+def _curvature_message(family) -> str:
+    link = getattr(getattr(family, "link", None), "name", "?")
+    text = ("the curvature of the log-likelihood in the random effects is not positive definite, so the "
+            f"quadrature is undefined ({getattr(family, 'name', family)!r} family, link {link!r})")
+    if getattr(family, "name", "") == "binomial" and link == "log":
+        text += ("; with the log link a linear predictor above 0 is a probability above 1. Use the logit "
+                 "(default), probit or cloglog link")
+    return text + "; try other starting values or a simpler model"
 
 
 def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev):
