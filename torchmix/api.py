@@ -37,6 +37,7 @@ from .results import MixedResults
 from .surveys import resolve_survey
 from .warn import warn
 from .threads import check_num_threads, choose_threads, fit_threads, problem_work
+from .weights import check_weight_values
 
 __all__ = ["mix", "Prepared"]
 
@@ -150,7 +151,11 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
 
     plan = resolve_survey(survey, list(data.columns), weights=weights, cweights=cweights, scaling=scaling,
                           edsurvey_compat=edsurvey_compat)
+    if plan.scaling is not None and not plan.weights:
+        raise ConfigError(f"scaling={scaling!r} rescales the level-1 weights, but no weights were given "
+                          "(pass weights=[level-1 column, level-2 column, ...] or a survey)")
     data_w = plan.materialise(data)
+    check_weight_values(data_w, plan.weights)
     scaler = plan.scaler()
     # the design is built on positional row labels (the caller's may repeat); its row_index is
     # then mapped back to the caller's labels, and extra columns are taken by position

@@ -30,6 +30,7 @@ from ..warn import warn
 from .jacobians import hessian, jacobian
 from .optimize import minimize
 from .standardize import Standardizer
+from .start_check import start_passes, warn_start_passes
 
 __all__ = ["fit_gaussian", "BOUNDARY_TOL"]
 
@@ -50,6 +51,10 @@ def _start_theta(tensors: ModelTensors, start, p: int) -> torch.Tensor:
     if start.numel() != p + n_tau:
         raise DataError(f"start has length {start.numel()}, expecting {p + n_tau} "
                         f"({p} fixed effects, then {n_tau} variance components with the residual last)")
+    if not bool(torch.isfinite(start).all()):
+        bad = torch.nonzero(~torch.isfinite(start)).flatten().tolist()
+        raise DataError(f"start has non-finite values at position(s) {bad} (0-based; {p} fixed effects, then "
+                        "the variance components with the residual last)")
     sigma2 = start[-1]
     if not bool(sigma2 > 0):
         raise DataError("start: the residual variance (last entry) must be positive")
@@ -161,13 +166,20 @@ def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, s
         return -lik(_split(flat, sizes)) / n_w
 
     theta0 = _start_theta(tensors, start, p)
+    passes_at_start = start_passes(objective, theta0, tol)
     with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
-        res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
-                       newton_first=start is not None)
+        try:
+            res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
+                           newton_first=start is not None)
+        except IndexError as exc:  # torch's strong-Wolfe line search on a non-finite objective
+            raise NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
+                                 "a perfect fit or extreme values") from exc
     if not bool(torch.isfinite(torch.tensor(res.fun))):
         raise NumericalError("the log-likelihood is not finite at the solution; check the response "
                              "for a perfect fit or extreme values")
-    if not res.converged:
+    if passes_at_start:
+        res = warn_start_passes(res, tol, default_start=start is None)
+    if not res.converged and not passes_at_start:
         warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning)
 
     return _finish(lik, res.x, res, small_sample)
