@@ -10,7 +10,8 @@ into a typed error that names the cause, instead of a fit that looks converged:
   identified) -> :class:`~torchmix.errors.DataError`;
 * gaussian family: a constant response (the residual variance would be zero), and every group of the
   lowest level having one row (the residual and the level-2 variance are not separately identified);
-* binomial family: every response 0, or every response 1 (the intercept runs to :math:`\mp\infty`);
+* binomial family: every response 0, or every response 1 (the intercept runs to :math:`\mp\infty`),
+  and single 0/1 observations in every lowest-level group (the variance is not identified);
   poisson family: every count 0.
 
 Works on :class:`~torchmix.design.Design` labels and tensors; no fitting, no pandas I/O.
@@ -74,6 +75,11 @@ def check_identifiable(design, family_name: str, y: torch.Tensor) -> None:
         if bool((y == 0).all()) or bool((y == 1).all()):
             raise DataError(f"the binomial response {design.response!r} is {int(y[0])} in every row: the "
                             "fixed effects have no finite maximum likelihood estimate")
+        low = tensors.levels[0]
+        sizes = torch.bincount(low.group, minlength=low.n_groups)
+        if int(sizes.max()) <= 1 and bool(((y == 0) | (y == 1)).all()):
+            raise DataError(f"every group of {design.levels[0].name!r} has a single 0/1 observation: the variance "
+                            "of its random effects is not identified")
     elif family_name == "poisson":
         if bool((y == 0).all()):
             raise DataError(f"the poisson response {design.response!r} is 0 in every row: the fixed effects "

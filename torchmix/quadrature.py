@@ -25,10 +25,11 @@ from .errors import ConfigError, NumericalError
 __all__ = ["gauss_hermite", "product_grid", "QuadratureGrid", "check_n_quad", "check_grid_size", "MAX_N_QUAD",
            "MAX_GRID_VALUES"]
 
-#: Largest number of points per random effect. Up to 370 points the float64 rule has finite,
-#: positive, normal weights and integrates the moments :math:`E z^{2k}` (k <= 4) to 1e-15; from 371
-#: the weights overflow to NaN (and the eigenproblem behind the rule needs :math:`8M^2` bytes).
-MAX_N_QUAD = 370
+#: Largest number of points per random effect. Up to 369 points every float64 weight is a normal
+#: (full-precision) number and the rule integrates the moments :math:`E z^{2k}` (k <= 4) to 1e-15; at
+#: 370 the smallest weights become subnormal, from 371 they overflow to NaN (and the eigenproblem
+#: behind the rule needs :math:`8M^2` bytes).
+MAX_N_QUAD = 369
 
 #: Largest number of node values :math:`N M^{q}` that one likelihood evaluation may compute
 #: (:math:`2^{28}`, 2 GiB as float64); bigger grids are refused before anything is allocated.
