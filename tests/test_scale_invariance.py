@@ -15,7 +15,7 @@ import pytest
 import torchmix as tm
 from torchmix.errors import TorchmixWarning
 
-from conftest import sleepstudy_weighted
+from conftest import sleepstudy_three_level, sleepstudy_weighted
 
 REL = 1e-8
 
@@ -70,6 +70,12 @@ def test_gaussian_random_intercept_days_scaled():
 
 def test_gaussian_random_slope_days_scaled():
     _check_predictor("Reaction ~ Days + (1 + Days|Subject)", sleepstudy_weighted(), "Days", weights=["w1", "w2"])
+
+
+@pytest.mark.slow
+def test_gaussian_three_levels_days_scaled():
+    _check_predictor("Reaction ~ Days + (1|Subject) + (1|Group)", sleepstudy_three_level(), "Days",
+                     weights=["c1", "c2", "c3"], cweights=True)
 
 
 def test_gaussian_response_scaled():
