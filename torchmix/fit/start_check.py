@@ -8,13 +8,13 @@ default starting values (never an optimum) the fit is not reported as converged.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
 from ..errors import ConvergenceWarning
+from ..warn import warn
 
 __all__ = ["DEFAULT_TOL", "start_passes", "start_passes_message", "warn_start_passes"]
 
@@ -39,7 +39,7 @@ def start_passes_message(tol: float) -> str:
 def warn_start_passes(res, tol: float, default_start: bool):
     """Warn, and with the default starting values mark the result of :func:`~torchmix.fit.optimize.minimize`
     as not converged."""
-    warnings.warn(start_passes_message(tol), ConvergenceWarning, stacklevel=4)
+    warn(start_passes_message(tol), ConvergenceWarning)
     if default_start:
         return replace(res, converged=False,
                        message="not optimised: the starting values already passed the convergence test "
