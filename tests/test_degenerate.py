@@ -62,7 +62,6 @@ def test_unweighted_groups_of_size_one_are_not_identified():
         tm.mix("Reaction ~ Days + (1|id)", df, progress=False)
 
 
-@pytest.mark.slow
 def test_some_weighted_groups_of_size_one_fit():
     df = sleepstudy_weighted()
     extra = df.groupby("Subject").head(1).assign(Subject=lambda d: "s" + d["Subject"])
@@ -72,7 +71,6 @@ def test_some_weighted_groups_of_size_one_fit():
     assert np.all(np.isfinite(res.se)) and np.all(res.varcomp > 1.0)
 
 
-@pytest.mark.slow
 def test_binomial_log_link_is_a_numerical_error_naming_the_link():
     with pytest.raises(NumericalError, match="log link"):
         tm.mix("use ~ age + urban + (1|district)", _con(), family="binomial", link="log", progress=False)
@@ -206,7 +204,6 @@ def _poisson_counts(scale):
     return pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
 
 
-@pytest.mark.slow
 def test_poisson_counts_times_a_million_converge():
     with warnings.catch_warnings():
         warnings.simplefilter("error", TorchmixWarning)

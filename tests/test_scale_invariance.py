@@ -72,7 +72,6 @@ def test_gaussian_random_slope_days_scaled():
     _check_predictor("Reaction ~ Days + (1 + Days|Subject)", sleepstudy_weighted(), "Days", weights=["w1", "w2"])
 
 
-@pytest.mark.slow
 def test_gaussian_three_levels_days_scaled():
     _check_predictor("Reaction ~ Days + (1|Subject) + (1|Group)", sleepstudy_three_level(), "Days",
                      weights=["c1", "c2", "c3"], cweights=True)
@@ -90,7 +89,6 @@ def test_gaussian_response_scaled():
         _close(res.varcomp_se, base.varcomp_se * c ** 2, "varcomp_se")
 
 
-@pytest.mark.slow
 def test_binomial_age_scaled():
     _check_predictor("use ~ age + urban + (1|district)", tm.load_dataset("contraception"), "age",
                      family="binomial")
@@ -105,6 +103,5 @@ def _poisson_data():
     return pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
 
 
-@pytest.mark.slow
 def test_poisson_x_scaled():
     _check_predictor("y ~ x + (1|g)", _poisson_data(), "x", family="poisson")
