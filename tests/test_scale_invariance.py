@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import pytest
 
 import torchmix as tm
 from torchmix.errors import TorchmixWarning
