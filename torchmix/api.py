@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .arguments import attach_weight_series, resolve_aliases
+from .checks import check_identifiable
 from .design import Design, build_design
 from .design_variance import resolve_design_variance
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
@@ -29,6 +30,7 @@ from .fit.glmm import fit_glmm
 from .fit.glmm_many import fit_glmm_many
 from .formula import parse_formula
 from .plausible import fit_plausible_values
+from .quadrature import check_n_quad
 from .replication import apply_design_variance
 from .report.call import call_text, model_options
 from .report.se_type import check_df_rule, warn_few_clusters
@@ -36,6 +38,7 @@ from .results import MixedResults
 from .surveys import resolve_survey
 from .warn import warn
 from .threads import check_num_threads, choose_threads, fit_threads, problem_work
+from .weights import check_weight_values
 
 __all__ = ["mix", "Prepared"]
 
@@ -88,7 +91,7 @@ def _resolve_n_quad(n_quad) -> int:
         raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
     if float(n_quad) != round(float(n_quad)):
         warn(f"n_quad={n_quad} is not an integer; rounded to {round(float(n_quad))}", TorchmixWarning)
-    return int(round(float(n_quad)))
+    return check_n_quad(n_quad)
 
 
 def _validate_response(fam, y_raw: np.ndarray, name: str, gaussian: bool) -> np.ndarray:
@@ -149,7 +152,11 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
 
     plan = resolve_survey(survey, list(data.columns), weights=weights, cweights=cweights, scaling=scaling,
                           edsurvey_compat=edsurvey_compat)
+    if plan.scaling is not None and not plan.weights:
+        raise ConfigError(f"scaling={scaling!r} rescales the level-1 weights, but no weights were given "
+                          "(pass weights=[level-1 column, level-2 column, ...] or a survey)")
     data_w = plan.materialise(data)
+    check_weight_values(data_w, plan.weights)
     scaler = plan.scaler()
     # the design is built on positional row labels (the caller's may repeat); its row_index is
     # then mapped back to the caller's labels, and extra columns are taken by position
@@ -163,6 +170,7 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
         design.notes.append(plan.note)
     y = _validate_response(fam, design.y_raw, parsed.response, gaussian)
     design.tensors = design.tensors.with_response(torch.as_tensor(y, dtype=dt, device=dev))
+    check_identifiable(design, getattr(fam, "name", ""), design.tensors.y)
     responses = None
     if pv_cols is not None:
         responses = {}

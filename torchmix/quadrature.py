@@ -20,9 +20,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 
-__all__ = ["gauss_hermite", "product_grid", "QuadratureGrid", "check_n_quad"]
+__all__ = ["gauss_hermite", "product_grid", "QuadratureGrid", "check_n_quad", "check_grid_size", "MAX_N_QUAD",
+           "MAX_GRID_VALUES"]
+
+#: Largest number of points per random effect. Up to 369 points every float64 weight is a normal
+#: (full-precision) number and the rule integrates the moments :math:`E z^{2k}` (k <= 4) to 1e-15; at
+#: 370 the smallest weights become subnormal, from 371 they overflow to NaN (and the eigenproblem
+#: behind the rule needs :math:`8M^2` bytes).
+MAX_N_QUAD = 369
+
+#: Largest number of node values :math:`N M^{q}` that one likelihood evaluation may compute
+#: (:math:`2^{28}`, 2 GiB as float64); bigger grids are refused before anything is allocated.
+MAX_GRID_VALUES = 2 ** 28
 
 
 def check_n_quad(n_quad) -> int:
@@ -33,7 +44,8 @@ def check_n_quad(n_quad) -> int:
     Raises
     ------
     ConfigError
-        If ``n_quad`` is not a finite number or is ``<= 0`` after rounding.
+        If ``n_quad`` is not a finite number, is ``<= 0`` after rounding, or exceeds
+        :data:`MAX_N_QUAD`.
     """
     try:
         value = float(n_quad)
@@ -44,7 +56,39 @@ def check_n_quad(n_quad) -> int:
     rounded = int(round(value))
     if rounded <= 0:
         raise ConfigError(f"n_quad must be a positive integer, got {n_quad!r}")
+    if rounded > MAX_N_QUAD:
+        raise ConfigError(f"n_quad={n_quad!r} is too large: at most {MAX_N_QUAD} Gauss-Hermite points per random "
+                          "effect have accurate float64 weights (10 to 30 are usually plenty)")
     return rounded
+
+
+def check_grid_size(n_quad: int, q_total: int, n_rows: int, itemsize: int = 8) -> int:
+    r"""Refuse a quadrature grid whose node pass would be too big.
+
+    One likelihood evaluation computes :math:`N M^{q}` values (:math:`N` rows, :math:`M` points per
+    random effect, :math:`q` random effects over all levels). Computed with Python integers, so it
+    cannot overflow.
+
+    Returns
+    -------
+    int, the number of values :math:`N M^{q}`.
+
+    Raises
+    ------
+    ConfigError
+        If :math:`N M^{q} >` :data:`MAX_GRID_VALUES`; the message gives the size in values and bytes.
+    """
+    n_quad, q_total, n_rows = int(n_quad), int(q_total), int(n_rows)
+    values = n_rows * n_quad ** q_total
+    if values > MAX_GRID_VALUES:
+        n_nodes = n_quad ** q_total
+        gib = values * itemsize / 2 ** 30
+        raise ConfigError(
+            f"the quadrature grid is too big: n_quad={n_quad} with {q_total} random effects gives "
+            f"{n_quad}^{q_total} = {n_nodes:.4g} nodes, {values:.4g} values over {n_rows} rows per likelihood "
+            f"evaluation ({gib:.4g} GiB); at most {MAX_GRID_VALUES:.4g} values are allowed. Use a smaller n_quad "
+            "(n_quad=1 is the Laplace approximation) or fewer random effects")
+    return values
 
 
 def gauss_hermite(n: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +108,8 @@ def gauss_hermite(n: int, dtype=torch.float64, device=None) -> tuple[torch.Tenso
     x, v = np.polynomial.hermite.hermgauss(n)
     z = np.sqrt(2.0) * x
     w = v / np.sqrt(np.pi)
+    if not (np.isfinite(w).all() and (w > 0).all() and np.isfinite(z).all()):
+        raise NumericalError(f"the {n}-point Gauss-Hermite rule is not accurate in float64; use fewer points")
     if n % 2 == 1:  # the middle node is exactly 0 by symmetry
         z[n // 2] = 0.0
     w = w / w.sum()

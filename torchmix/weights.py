@@ -18,7 +18,7 @@ import pandas as pd
 
 from .errors import WeightError
 
-__all__ = ["weight_columns", "group_constant", "to_conditional", "to_unconditional", "weight_stats"]
+__all__ = ["weight_columns", "check_weight_values", "group_constant", "to_conditional", "to_unconditional", "weight_stats"]
 
 CONSTANCY_TOL = 1e-8
 
@@ -42,6 +42,32 @@ def weight_columns(weights, data: pd.DataFrame) -> list[str] | None:
     if missing:
         raise WeightError(f"weight column(s) not found in data: {', '.join(map(repr, missing))}")
     return list(weights)
+
+
+def check_weight_values(data: pd.DataFrame, columns) -> None:
+    """Reject weight columns that cannot be sampling weights: boolean, or with infinite values.
+
+    Missing and non-positive weights are handled later (their rows are dropped with a warning).
+
+    Raises
+    ------
+    WeightError
+        Naming the column: a boolean column (True/False is not a weight; subset the data instead),
+        or a column with infinite values (with their count).
+    """
+    for col in columns or []:
+        if col not in data.columns:
+            continue
+        values = data[col]
+        if pd.api.types.is_bool_dtype(values.dtype) or (
+                values.dtype == object and values.map(lambda v: isinstance(v, (bool, np.bool_))).any()):
+            raise WeightError(f"weight column {col!r} is boolean; weights must be positive numbers "
+                              "(to fit a subset, select its rows from the data instead)")
+        num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        n_inf = int(np.isinf(num).sum())
+        if n_inf:
+            raise WeightError(f"weight column {col!r} has infinite values in {n_inf} row(s); weights must be "
+                              "finite positive numbers")
 
 
 def group_constant(values: np.ndarray, codes: np.ndarray, n_groups: int, column: str,

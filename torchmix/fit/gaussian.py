@@ -32,6 +32,8 @@ from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .jacobians import hessian, jacobian
 from .optimize import minimize
+from .standardize import Standardizer
+from .start_check import start_passes, warn_start_passes
 
 __all__ = ["fit_gaussian", "BOUNDARY_TOL"]
 
@@ -52,6 +54,10 @@ def _start_theta(tensors: ModelTensors, start, p: int) -> torch.Tensor:
     if start.numel() != p + n_tau:
         raise DataError(f"start has length {start.numel()}, expecting {p + n_tau} "
                         f"({p} fixed effects, then {n_tau} variance components with the residual last)")
+    if not bool(torch.isfinite(start).all()):
+        bad = torch.nonzero(~torch.isfinite(start)).flatten().tolist()
+        raise DataError(f"start has non-finite values at position(s) {bad} (0-based; {p} fixed effects, then "
+                        "the variance components with the residual last)")
     sigma2 = start[-1]
     if not bool(sigma2 > 0):
         raise DataError("start: the residual variance (last entry) must be positive")
@@ -138,10 +144,21 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     small_sample : ``"G/(G-1)"`` or ``"none"`` (factor of the sandwich meat).
     progress : show a progress bar.
 
+    The fit is made on standardised columns (:mod:`torchmix.fit.standardize`) and carried back, so
+    that it does not depend on the units of the predictors.
+
     Returns
     -------
     :class:`~torchmix.tensors.FitOutput`
     """
+    std = Standardizer.from_tensors(tensors)
+    out = _fit_standardized(std.tensors(tensors), std.start(start, residual=True), max_iter, tol, small_sample,
+                            progress)
+    return std.output(out, gaussian=True)
+
+
+def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, small_sample: str,
+                      progress: bool) -> FitOutput:
     lik = GaussianLikelihood(tensors)
     p = tensors.n_fixed
     term_sizes = [lv.term_sizes for lv in tensors.levels]
@@ -156,13 +173,20 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
             return -lik(_split(flat, sizes)) / n_w
 
     theta0 = _start_theta(tensors, start, p)
+    passes_at_start = start_passes(objective, theta0, tol)
     with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
-        res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
-                       newton_first=start is not None)
+        try:
+            res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
+                           newton_first=start is not None)
+        except IndexError as exc:  # torch's strong-Wolfe line search on a non-finite objective
+            raise NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
+                                 "a perfect fit or extreme values") from exc
     if not bool(torch.isfinite(torch.tensor(res.fun))):
         raise NumericalError("the log-likelihood is not finite at the solution; check the response "
                              "for a perfect fit or extreme values")
-    if not res.converged:
+    if passes_at_start:
+        res = warn_start_passes(res, tol, default_start=start is None)
+    if not res.converged and not passes_at_start:
         warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning)
 
     return _finish(lik, res.x, res, small_sample)

@@ -15,7 +15,9 @@ Stages:
    exact gradient, a few Newton steps with it (polish), the sandwich (7.1) from per-top-group
    scores, and the delta method to :math:`\tau` (:mod:`torchmix.fit.glmm_se`).
 
-Convergence: ``max_r |d(l / sum w_top) / d psi_r| < tol`` after the polish; otherwise a
+Convergence: ``max_r |d(l / (sum w_top * I)) / d psi_r| < tol`` after the polish, with :math:`\psi` on
+standardised columns (:mod:`torchmix.fit.standardize`) and :math:`I` the information scale
+(:func:`information_scale`, 1 for binary responses); otherwise a
 :class:`~torchmix.errors.ConvergenceWarning` and ``converged=False``.
 """
 
@@ -29,13 +31,16 @@ from ..covariance import identity_theta, lambda_from_theta, n_theta, normalise_t
 from ..errors import BoundaryWarning, ConfigError, ConvergenceWarning, NumericalError
 from ..likelihood.agq import AGQLogLik
 from ..progress import progress_bar
-from ..quadrature import check_n_quad
+from ..quadrature import check_grid_size, check_n_quad
 from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .glm_start import parse_start, weighted_glm
 from .glmm_se import assemble, boundary_pattern, fd_hessian
 from .lbfgs import LBFGSState, lbfgs_rounds
+from .separation import separated_rows
+from .standardize import Standardizer
+from .start_check import DEFAULT_TOL, start_passes_message
 
 __all__ = ["fit_glmm", "BOUNDARY_TOL"]
 
@@ -198,6 +203,7 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
         ``start`` of the wrong length.
     """
     n_quad = check_n_quad(n_quad)
+    check_grid_size(n_quad, sum(lv.q for lv in tensors.levels), tensors.n_obs)
     if getattr(family, "has_dispersion", False):
         raise ConfigError(f"family {family!r} has a dispersion parameter; quadrature fits support the binomial "
                           "and poisson families (and user families without dispersion)")
@@ -210,9 +216,43 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
     w_total = float(top.w_cond.sum())
     bar = progress_bar(desc=f"GLMM fit (n_quad={n_quad})", unit=" eval", disable=not progress)
     try:
-        return _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev)
+        std = Standardizer.from_tensors(tensors)
+        try:
+            out = _fit(std.tensors(tensors), family, n_quad, std.start(start, residual=False), max_iter, tol,
+                       small_sample, bar, p, term_sizes, w_total, dt, dev)
+        except torch.linalg.LinAlgError as exc:
+            raise NumericalError(_curvature_message(family)) from exc
+        return std.output(out, gaussian=False)
     finally:
         bar.close()
+
+
+def information_scale(family, eta: torch.Tensor, w: torch.Tensor) -> float:
+    r"""Scale of the Fisher information per unit weight, :math:`\max(1, \sum_i w_i W_i/\sum_i w_i)`.
+
+    :math:`W_i` is the family's Fisher weight at the starting linear predictor :math:`\eta_i`
+    (:math:`\mu_i` for poisson with the log link). The objective is divided by
+    :math:`\sum_k w^{(L)}_k` times this scale, so the gradient tolerance follows the scale of the
+    problem: counts multiplied by :math:`10^6` give the same normalised problem. Families whose
+    information per unit weight is at most 1 (binary responses) keep the plain normalisation.
+    """
+    with torch.no_grad():
+        fw = family.fisher_w(eta)
+        ok = torch.isfinite(fw)
+        if not bool(ok.any()):
+            return 1.0
+        value = float((w[ok] * fw[ok]).sum() / w[ok].sum())
+    return max(1.0, value) if math.isfinite(value) else 1.0
+
+
+def _curvature_message(family) -> str:
+    link = getattr(getattr(family, "link", None), "name", "?")
+    text = ("the curvature of the log-likelihood in the random effects is not positive definite, so the "
+            f"quadrature is undefined ({getattr(family, 'name', family)!r} family, link {link!r})")
+    if getattr(family, "name", "") == "binomial" and link == "log":
+        text += ("; with the log link a linear predictor above 0 is a probability above 1. Use the logit "
+                 "(default), probit or cloglog link")
+    return text + "; try other starting values or a simpler model"
 
 
 def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev):
@@ -225,9 +265,12 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
     else:
         beta0 = weighted_glm(X, tensors.y, tensors.w1_uncond, family, offset=tensors.offset)
         psi = torch.cat([beta0] + [identity_theta(ts, dtype=dt, device=dev) for ts in term_sizes])
+    w_total = w_total * information_scale(family, X @ psi[:p], tensors.w1_uncond)
     iterations, lnl_laplace, evals_laplace = 0, None, 0
+    first = _Problem(AGQLogLik(tensors, family, 1 if start is None else n_quad), p, term_sizes, w_total, bar)
+    passes_at_start = tol > DEFAULT_TOL and float(first.grad(psi).abs().max()) < tol
     if start is None and n_quad > 1:
-        lap = _Problem(AGQLogLik(tensors, family, 1), p, term_sizes, w_total, bar)
+        lap = first
         psi_lap, it, finite = _lbfgs(lap, psi, scale, max_iter, tol * 1e-2)
         iterations += it
         lnl_laplace = lap.value(psi_lap)
@@ -237,10 +280,11 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         prior_modes = lap.module.modes
     else:
         prior_modes = None
-    module = AGQLogLik(tensors, family, n_quad)
+    module = first.module if first.module.n_quad == n_quad else AGQLogLik(tensors, family, n_quad)
     if prior_modes is not None:
         module.set_modes(prior_modes)
     prob = _Problem(module, p, term_sizes, w_total, bar)
+    prob.n_evals = first.n_evals if module is first.module else 0
     psi, it, finite = _lbfgs(prob, psi, scale, max_iter, tol * 1e-2)
     iterations += it
     if not finite or not math.isfinite(prob.value(psi)):
@@ -281,8 +325,22 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
     boundary = [int(i) for i in torch.nonzero(zero_tau).flatten().tolist()]
     if boundary or singular:
         warn(boundary_warning_text(est["theta"], term_sizes, BOUNDARY_TOL), BoundaryWarning)
+    n_sep = separated_rows(family, tensors, psi[:p], est["b"])
+    if n_sep:
+        warn(f"complete or quasi-complete separation: {n_sep} of {tensors.n_obs} rows have fitted "
+             "probabilities numerically equal to their 0/1 response, so the likelihood has no finite "
+             "maximum (some coefficients diverge); the estimates and standard errors are not valid. "
+             "Remove or combine the predictors that separate the response", ConvergenceWarning)
+        converged = False
+    if passes_at_start:
+        warn(start_passes_message(tol), ConvergenceWarning)
+        converged = converged and start is not None
     if converged:
         message = f"converged (max |gradient| {grad_max:.3g} < {tol:.3g})"
+    elif n_sep:
+        message = f"no finite maximum: separation ({n_sep} rows fitted exactly)"
+    elif passes_at_start and start is None:
+        message = "not optimised: the starting values already passed the convergence test (tol too large)"
     else:
         message = f"gradient test failed: max |gradient| {grad_max:.3g} >= {tol:.3g} (normalised log-likelihood)"
         warn(f"the GLMM fit did not converge: {message}", ConvergenceWarning)
