@@ -67,6 +67,15 @@ def _int_at_least(low: int) -> Callable:
     return check
 
 
+def _int_between(low: int, high: int) -> Callable:
+    def check(value, where):
+        value = _int_at_least(low)(value, where)
+        if value > high:
+            raise ConfigError(f"{where} must be an integer between {low} and {high}, got {value}")
+        return value
+    return check
+
+
 def _positive_float(value, where):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(where, "a positive number", value)

@@ -10,9 +10,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Union
 
+from ..quadrature import MAX_N_QUAD
 from .checks import (TABLE_FORMATS, _bool, _device, _df, _dtype, _float_list, _formats, _fpc, _int_at_least,
-                     _nonempty_str, _positive_float, _replicate_weights, _str_list, _str_or_str_list,
-                     _table_of_str_lists, _unit_float)
+                     _int_between, _nonempty_str, _positive_float, _replicate_weights, _str_list,
+                     _str_or_str_list, _table_of_str_lists, _unit_float)
 
 __all__ = ["DataConfig", "ModelConfig", "FitConfig", "VarianceConfig", "OutputConfig", "RunConfig", "SCHEMA",
            "TABLE_FORMATS"]
@@ -192,7 +193,7 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
         "cweights": _Key(_bool, doc="weights are conditional"),
         "family": _Key(_nonempty_str, doc="response family"),
         "link": _Key(_nonempty_str, doc="link function"),
-        "n_quad": _Key(_int_at_least(1), doc="quadrature points per random effect"),
+        "n_quad": _Key(_int_between(1, MAX_N_QUAD), doc="quadrature points per random effect"),
         "center_group": _Key(_table_of_str_lists, doc="group-mean centering"),
         "center_grand": _Key(_str_list, doc="grand-mean centering"),
         "scaling": _Key(_nonempty_str, doc="level-1 weight scaling"),
