@@ -113,11 +113,11 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
              center_group=None, center_grand=None, scaling=None, survey=None, edsurvey_compat=False,
              plausible_values=None, max_iter=200, tol=1e-8, small_sample="G/(G-1)", device="cpu",
              dtype=torch.float64, progress=True, deterministic=False, call="", offset=None, se_type=None,
-             df="cluster") -> Prepared:
+             df="cluster", transforms=None) -> Prepared:
     """Check arguments, resolve the family and the weighting plan, and build the design once."""
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
-    parsed = parse_formula(formula)
+    parsed = parse_formula(formula, transforms=transforms)
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     n_quad = _resolve_n_quad(n_quad)
     se_type, df = ("model" if se_type == "model" else "sandwich"), check_df_rule(df)
@@ -163,7 +163,8 @@ def _prepare(formula, data, weights=None, *, cweights=False, family="gaussian", 
     positional = data_w.set_axis(pd.RangeIndex(len(data_w)), axis=0)
     design = build_design(parsed, positional, list(plan.weights) if plan.weights else None, cweights=plan.cweights,
                           center_group=center_group, center_grand=center_grand,
-                          extra_columns=list(pv_cols or []), scaler=scaler, dtype=dt, device=dev, offset=offset)
+                          extra_columns=list(pv_cols or []), scaler=scaler, dtype=dt, device=dev, offset=offset,
+                          transforms=transforms)
     rows = design.row_index.to_numpy()
     design.row_index = data.index[rows]
     if plan.scaling is None and (survey is not None or edsurvey_compat) and plan.note:
@@ -260,7 +261,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         scale: Optional[float] = None, rscales=None, mse: bool = True, jk_zone: Optional[str] = None,
         jk_rep: Optional[str] = None, jk_both_halves: Optional[bool] = None, replicate_pv: str = "all",
         num_threads: Optional[int] = None,
-        offset: Optional[str] = None, df="cluster",
+        offset: Optional[str] = None, df="cluster", transforms: Optional[dict] = None,
         **deprecated):
     """Fit a survey-weighted multilevel (mixed-effects) model.
 
@@ -324,6 +325,8 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
         top-level clusters - 1 degrees of freedom, or the design degrees of freedom of
         linearization/replicates; Barnard-Rubin for plausible values), ``"normal"`` (z) or a
         positive number.
+    transforms : ``{"logit": f}``: functions the formula may call besides the built-in
+        allow-list (:mod:`~torchmix.formula_safety`); a formula can call nothing else.
 
     Returns
     -------
@@ -356,7 +359,8 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
                         tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
-                        deterministic=deterministic, call=call, offset=offset, se_type=se_type, df=df)
+                        deterministic=deterministic, call=call, offset=offset, se_type=se_type, df=df,
+                        transforms=transforms)
     design_args = dict(se_type=se_type, strata=strata, psu=psu, fpc=fpc, lonely_psu=lonely_psu,
                        replicate_weights=replicate_weights, replicate_method=replicate_method, fay_rho=fay_rho,
                        scale=scale, rscales=rscales, mse=mse, jk_zone=jk_zone, jk_rep=jk_rep,

@@ -8,7 +8,9 @@ Steps, in order (MATH.md 1.3, 2.1, 4.4, 9):
    level 2), nesting checked, ids never re-keyed;
 4. weights per level checked (constant within groups above level 1) and converted;
 5. optional level-1 weight scaling, then group- and grand-mean centering;
-6. model matrices through formulaic (fixed part; each random term), rank check of X.
+6. model matrices through formulaic (fixed part; each random term), rank check of X, evaluated
+   in the restricted context of :func:`~torchmix.formula_safety.evaluation_context` (only the
+   allowed transforms resolve).
 
 The caller's DataFrame is never modified.
 """
@@ -27,6 +29,8 @@ from .centering import Centering, center_data
 from .errors import DataError, DataWarning, FormulaError, WeightError
 from .formula import ParsedFormula
 from .offsets import OffsetSpec, offset_spec
+from .formula_context import ContextSpec, evaluation_context
+from .formula_safety import check_transforms, formula_columns
 from .tensors import LevelTensors, ModelTensors
 from .warn import warn
 from .weights import group_constant, to_conditional, to_unconditional, weight_columns, weight_stats
@@ -78,6 +82,7 @@ class Design:
     notes: list = field(default_factory=list)  # human-readable notes (scaling applied, ...)
     centering: Centering = field(default_factory=Centering)  # training means, re-applied by predict
     offset: OffsetSpec = field(default_factory=OffsetSpec)   # offset terms, re-evaluated by predict
+    context: dict = field(default_factory=dict)  # names formula terms may resolve (formula_safety)
 
     @property
     def n_levels(self) -> int:
@@ -91,36 +96,14 @@ def group_keys(data: pd.DataFrame, group_vars: Sequence[str]) -> pd.Series:
     return data[list(group_vars)].astype(str).agg(":".join, axis=1)
 
 
-def _required_columns(parsed: ParsedFormula, data: pd.DataFrame) -> list[str]:
-    """Every data column the formula reads (response, fixed part, random parts, groups)."""
-    needed: list[str] = []
-
-    def add(names):
-        for n in names:
-            if n not in needed:
-                needed.append(n)
-
-    try:
-        add(sorted(formulaic.Formula(f"{parsed.response} ~ {parsed.fixed}").required_variables))
-        for t in parsed.random:
-            add(sorted(formulaic.Formula(t.expr).required_variables))
-    except Exception as exc:  # formulaic parse errors
-        raise FormulaError(f"cannot parse formula {parsed.formula!r}: {exc}") from exc
-    for t in parsed.random:
-        add(t.group_vars)
-    return needed
-
-
 def _rename_intercept(names: Sequence[str]) -> list[str]:
     return [INTERCEPT if n == "Intercept" else str(n) for n in names]
 
 
-def _model_matrix(spec_or_formula, data: pd.DataFrame, what: str):
+def _model_matrix(formula: str, data: pd.DataFrame, what: str, context: dict):
+    """formulaic model matrix of a checked formula part, evaluated in ``context`` only."""
     try:
-        if isinstance(spec_or_formula, str):
-            mm = formulaic.model_matrix(spec_or_formula, data, na_action="ignore")
-        else:
-            mm = spec_or_formula.get_model_matrix(data, na_action="ignore")
+        mm = formulaic.model_matrix(formula, data, na_action="ignore", context=context)
     except Exception as exc:
         raise FormulaError(f"cannot build the {what} model matrix: {exc}") from exc
     return mm
@@ -155,7 +138,7 @@ def _aliased_columns(x: np.ndarray, w: np.ndarray, tol: float = 1e-9) -> list[in
 
 def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cweights: bool = False,
                  center_group=None, center_grand=None, extra_columns: Sequence[str] = (),
-                 scaler=None, dtype=torch.float64, device="cpu", offset=None) -> Design:
+                 scaler=None, dtype=torch.float64, device="cpu", offset=None, transforms=None) -> Design:
     """Clean the data and build the design of a mixed model.
 
     Parameters
@@ -171,6 +154,8 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         the level-1 weights become conditional.
     offset : optional column name whose values are added to the linear predictor (with any
         ``offset(...)`` terms of the formula; :mod:`torchmix.offsets`).
+    transforms : optional ``{name: function}`` the formula may call besides the built-in
+        transforms (:mod:`~torchmix.formula_safety`).
 
     Raises
     ------
@@ -179,8 +164,10 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     wcols = weight_columns(weights, data)
-    needed = _required_columns(parsed, data)
+    context = evaluation_context(transforms)
+    needed = formula_columns(parsed, data.columns, tuple(check_transforms(transforms)))
     off_spec = offset_spec(parsed, offset)
+    off_spec.context, off_spec.transforms = context, tuple(check_transforms(transforms))
     needed += [c for c in off_spec.required_columns() if c not in needed]
     unknown = [c for c in list(needed) + list(extra_columns) if c not in data.columns]
     if unknown:
@@ -220,7 +207,11 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         factors.setdefault(t.group, t.group_vars)
     coded = {}
     for name, gvars in factors.items():
-        codes, labels = pd.factorize(group_keys(clean, gvars), sort=True)
+        try:
+            codes, labels = pd.factorize(group_keys(clean, gvars), sort=True)
+        except TypeError as exc:  # values that cannot be ordered (mixed or arbitrary objects)
+            raise DataError(f"grouping factor {name!r}: the ids in column(s) {', '.join(map(repr, gvars))} "
+                            f"cannot be sorted ({exc}); use numbers or strings") from None
         coded[name] = (codes.astype(np.int64), pd.Index(labels, name=name))
     order = sorted(coded, key=lambda nm: -len(coded[nm][1]))
     for a, b in zip(order, order[1:]):
@@ -276,7 +267,7 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
     clean, centering = center_data(clean, uncond[0], center_group, center_grand, groups)
 
     # 6. model matrices
-    fixed_mm = _model_matrix(parsed.fixed if parsed.fixed.strip() else "1", clean, "fixed-effect")
+    fixed_mm = _model_matrix(parsed.fixed if parsed.fixed.strip() else "1", clean, "fixed-effect", context)
     all_names = _rename_intercept(fixed_mm.columns)
     x = np.array(fixed_mm, dtype=float)
     if not np.isfinite(x).all():
@@ -289,11 +280,14 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
              "dropped; their coefficients are reported as NaN", DataWarning)
     kept = [j for j in range(x.shape[1]) if j not in aliased]
     x = x[:, kept]
+    if x.shape[1] == 0:
+        raise FormulaError(f"the fixed part {parsed.fixed!r} of formula {parsed.formula!r} has no usable column; "
+                           "a model needs at least one fixed effect (e.g. the intercept, '1')")
     if parsed.response in clean.columns:
         y_raw = clean[parsed.response].to_numpy()
     else:
         try:
-            lhs = formulaic.model_matrix(f"{parsed.response} ~ 1", clean, na_action="ignore").lhs
+            lhs = formulaic.model_matrix(f"{parsed.response} ~ 1", clean, na_action="ignore", context=context).lhs
         except Exception as exc:
             raise FormulaError(f"cannot evaluate the response {parsed.response!r}: {exc}") from exc
         if lhs.shape[1] != 1:
@@ -306,18 +300,22 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
         terms = [t for t in parsed.random if t.group == nm]
         mats, names, specs = [], [], []
         for t in terms:
-            mm = _model_matrix(t.expr, clean, f"random-effect ({t.expr} | {nm})")
+            mm = _model_matrix(t.expr, clean, f"random-effect ({t.expr} | {nm})", context)
+            spec = ContextSpec(mm.model_spec, context)
             cols = _rename_intercept(mm.columns)
             arr = np.array(mm, dtype=float)
+            if arr.shape[1] == 0:
+                raise FormulaError(f"random-effect term ({t.expr} | {nm}) of formula {parsed.formula!r} has no "
+                                   "column (e.g. '(0 | g)'); write '(1 | g)' for a random intercept")
             if t.independent:
                 for term, sl in mm.model_spec.term_slices.items():
                     mats.append(arr[:, sl])
                     names.append(cols[sl])
-                    specs.append((t.expr, mm.model_spec, sl))
+                    specs.append((t.expr, spec, sl))
             else:
                 mats.append(arr)
                 names.append(cols)
-                specs.append((t.expr, mm.model_spec, slice(0, arr.shape[1])))
+                specs.append((t.expr, spec, slice(0, arr.shape[1])))
         z = np.concatenate(mats, axis=1)
         if not np.isfinite(z).all():
             raise DataError(f"random-effect columns of {nm!r} have non-finite values")
@@ -344,7 +342,9 @@ def build_design(parsed: ParsedFormula, data: pd.DataFrame, weights=None, *, cwe
                            offset=None if off is None else torch.as_tensor(off, **tkw))
     return Design(tensors=tensors, parsed=parsed, response=parsed.response,
                   fixed_names=[all_names[j] for j in kept], all_fixed_names=all_names,
-                  aliased=[all_names[j] for j in aliased], fixed_spec=fixed_mm.model_spec, levels=levels_info,
+                  aliased=[all_names[j] for j in aliased], fixed_spec=ContextSpec(fixed_mm.model_spec, context),
+                  levels=levels_info,
                   row_index=clean.index, n_dropped_missing=n_missing, n_dropped_weight=n_wdrop,
                   weight_columns=wcols, weight_stats=weight_stats(uncond), cweights=bool(cweights),
-                  y_raw=np.asarray(y_raw), notes=notes, centering=centering, offset=off_spec)
+                  y_raw=np.asarray(y_raw), notes=notes, centering=centering, offset=off_spec,
+                  context=context)

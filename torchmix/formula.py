@@ -5,8 +5,12 @@ r"""lme4-style formulas: split the random-effect bars out, hand the rest to form
 model-matrix column, a factor's dummies kept together), ``(e | a/b)`` = ``(e | a) + (e | a:b)``
 and ``(e | a:b)`` (the factor of observed combinations).
 
-The scan tracks parenthesis depth and string quotes, so calls such as ``poly(x, 2)`` or
-``I(x + 1)`` stay whole.
+The scan tracks parenthesis depth, string quotes and backticks, so calls such as ``poly(x, 2)``,
+``I(x + 1)`` or ``Q("a|b")`` stay whole. Column names that are not Python names are written with
+backticks or ``Q("...")`` anywhere, grouping factors included: ``(1 | `school.id`)``.
+
+Every part is checked against the allow-list of :mod:`torchmix.formula_safety` before anything is
+evaluated, and ``^`` inside a call means power as in R (``I(age^2)``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import FormulaError
+from .formula_safety import check_part, check_transforms
+from .formula_text import rewrite_power
 
 __all__ = ["RandomTerm", "ParsedFormula", "parse_formula"]
 
@@ -65,7 +71,7 @@ def _split_top(text: str, sep: str) -> list[str]:
             if ch == quote:
                 quote = None
             continue
-        if ch in "'\"":
+        if ch in "'\"`":
             quote = ch
         elif ch in "([{":
             depth += 1
@@ -99,8 +105,13 @@ def _wrapped(item: str) -> bool:
     """True when ``item`` is one parenthesised group ``( ... )``."""
     if not (item.startswith("(") and item.endswith(")")):
         return False
-    depth = 0
+    depth, quote = 0, None
     for pos, ch in enumerate(item):
+        if quote:
+            quote = None if ch == quote else quote
+            continue
+        if ch in "'\"`":
+            quote = ch
         depth += ch == "("
         depth -= ch == ")"
         if depth == 0 and pos < len(item) - 1:
@@ -108,17 +119,32 @@ def _wrapped(item: str) -> bool:
     return True
 
 
+def _group_name(piece: str, spec: str, formula: str) -> str:
+    """One grouping column: ``school``, ``school.id``, `` `school id` `` or ``Q("school id")``."""
+    piece = piece.strip()
+    if len(piece) >= 2 and piece[0] == piece[-1] == "`" and "`" not in piece[1:-1]:
+        name = piece[1:-1]
+    elif (piece.startswith("Q(") and piece.endswith(")") and len(piece) >= 5
+          and piece[2] in "'\"" and piece[-2] == piece[2] and piece[2] not in piece[3:-2]):
+        name = piece[3:-2]
+    elif piece and piece.replace("_", "a").replace(".", "a").isalnum():
+        name = piece
+    else:
+        name = ""
+    if not name:
+        raise FormulaError(f"grouping factor {spec.strip()!r} in {formula!r} must be column names joined by "
+                           "':' or '/' (write `my name` or Q(\"my name\") for names with spaces or symbols)")
+    return name
+
+
 def _group_factors(spec: str, formula: str) -> list[tuple[str, tuple]]:
     """``a/b/c`` -> [("a", (a,)), ("a:b", (a, b)), ("a:b:c", (a, b, c))]; ``a:b`` -> [("a:b", (a, b))]."""
     spec = spec.strip()
     if not spec:
         raise FormulaError(f"a random-effect term has no grouping factor in {formula!r}")
-    nested = [s.strip() for s in spec.split("/")]
     out, prefix = [], []
-    for piece in nested:
-        names = tuple(s.strip() for s in piece.split(":"))
-        if any(not n or not (n.replace("_", "a").replace(".", "a").isalnum()) for n in names):
-            raise FormulaError(f"grouping factor {piece!r} in {formula!r} must be column names joined by ':' or '/'")
+    for piece in _split_top(spec, "/"):
+        names = tuple(_group_name(s, spec, formula) for s in _split_top(piece, ":"))
         prefix = prefix + list(names)
         out.append((":".join(prefix), tuple(prefix)))
     return out
@@ -131,17 +157,28 @@ def _join_signed(terms: list[tuple[str, str]]) -> str:
     return text[2:] if text.startswith("+ ") else text
 
 
-def parse_formula(formula: str) -> ParsedFormula:
-    """Parse an lme4-style mixed-model formula.
+def parse_formula(formula: str, transforms=None) -> ParsedFormula:
+    """Parse an lme4-style mixed-model formula and check every term against the allow-list.
+
+    Parameters
+    ----------
+    formula : e.g. ``"y ~ x + I(x^2) + (1 + x | `school.id`)"``.
+    transforms : optional ``{name: function}`` the formula may call besides the built-in
+        transforms (:mod:`torchmix.formula_safety`).
 
     Raises
     ------
     FormulaError
         If ``formula`` is not a string with one ``~``, a bar stands outside parentheses,
-        a bar term has an empty side, or there is no random-effect term.
+        a bar term has an empty side, there is no random-effect term, or a term uses anything
+        outside the allow-list (named in the message).
+    ConfigError
+        If ``transforms`` is not a mapping of names to functions.
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string such as 'y ~ x + (1 | g)', got {type(formula).__name__}")
+    extra = tuple(check_transforms(transforms))
+    original, formula = formula, rewrite_power(formula)
     sides = _split_top(formula, "~")
     if len(sides) != 2 or not sides[0].strip() or not sides[1].strip():
         raise FormulaError(f"formula {formula!r} must have the form 'response ~ terms'")
@@ -181,5 +218,12 @@ def parse_formula(formula: str) -> ParsedFormula:
         raise FormulaError(
             f"formula {formula!r} has no random-effect term such as '(1 | group)'; "
             "a single-level model is a survey GLM, not a mixed model")
-    return ParsedFormula(formula=formula, response=response, fixed=_join_signed(fixed),
-                         random=tuple(random), offsets=tuple(offsets))
+    parsed = ParsedFormula(formula=original, response=response, fixed=_join_signed(fixed), random=tuple(random),
+                           offsets=tuple(offsets))
+    check_part(parsed.response, "the response", original, extra, lhs=True)
+    check_part(parsed.fixed, "the fixed part", original, extra)
+    for t in parsed.random:
+        check_part(t.expr, f"random term ({t.expr} | {t.group})", original, extra)
+    for e in parsed.offsets:
+        check_part(e, f"offset({e})", original, extra, lhs=True)
+    return parsed

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, FormulaError
+from .formula_context import evaluation_context
+from .formula_safety import part_columns
 
 __all__ = ["OffsetSpec", "offset_spec"]
 
@@ -34,6 +36,8 @@ class OffsetSpec:
             raise DataError(f"offset must be a column name (a string), got {type(column).__name__}")
         self.expressions = tuple(expressions)
         self.column = column
+        self.context = None  # names the expressions may resolve (formula_context); None = the default allow-list
+        self.transforms = ()  # names of the caller's extra transforms the expressions may call
 
     def __bool__(self) -> bool:
         return bool(self.expressions) or self.column is not None
@@ -45,12 +49,9 @@ class OffsetSpec:
     def required_columns(self) -> list[str]:
         """Data columns the offset reads."""
         cols: list[str] = []
-        for e in self.expressions:
-            try:
-                names = formulaic.Formula(f"{e} ~ 1").lhs.required_variables
-            except Exception as exc:
-                raise FormulaError(f"cannot parse offset({e}): {exc}") from exc
-            cols += [c for c in sorted(names) if c not in cols]
+        for e in self.expressions:  # checked against the allow-list before formulaic sees them
+            names = part_columns(e, f"offset({e})", f"offset({e})", tuple(self.transforms), lhs=True)
+            cols += [c for c in names if c not in cols]
         if self.column is not None and self.column not in cols:
             cols.append(self.column)
         return cols
@@ -68,7 +69,8 @@ class OffsetSpec:
         total = np.zeros(len(data))
         for e in self.expressions:
             try:
-                lhs = formulaic.model_matrix(f"{e} ~ 1", data, na_action="ignore").lhs
+                context = self.context if self.context is not None else evaluation_context()
+                lhs = formulaic.model_matrix(f"{e} ~ 1", data, na_action="ignore", context=context).lhs
             except Exception as exc:
                 raise FormulaError(f"cannot evaluate offset({e}): {exc}") from exc
             if lhs.shape[1] != 1:
