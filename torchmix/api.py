@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .arguments import attach_weight_series, resolve_aliases
-from .checks import check_identifiable
+from .checks import check_identifiable, check_start
 from .design import Design, build_design
 from .design_variance import resolve_design_variance
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
@@ -355,6 +355,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     if isinstance(weights, list):
         weights = [str(w) if isinstance(w, str) else w for w in weights]
     num_threads = check_num_threads(num_threads)
+    start = check_start(start)
     prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                         edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,

@@ -19,11 +19,12 @@ Works on :class:`~torchmix.design.Design` labels and tensors; no fitting, no pan
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .errors import DataError, FormulaError
+from .errors import ConfigError, DataError, FormulaError
 
-__all__ = ["check_identifiable"]
+__all__ = ["check_identifiable", "check_start"]
 
 
 def _term_text(info, t: int) -> str:
@@ -84,3 +85,29 @@ def check_identifiable(design, family_name: str, y: torch.Tensor) -> None:
         if bool((y == 0).all()):
             raise DataError(f"the poisson response {design.response!r} is 0 in every row: the fixed effects "
                             "have no finite maximum likelihood estimate")
+
+
+def check_start(start):
+    """``start`` as a flat float64 array of finite numbers, or None.
+
+    Raises
+    ------
+    ConfigError
+        When ``start`` is not a sequence of numbers.
+    DataError
+        When it is empty or has non-finite values.
+    """
+    if start is None:
+        return None
+    if isinstance(start, (str, bytes, dict)):
+        raise ConfigError(f"start must be a list of numbers (fixed effects, then variance components), got {start!r}")
+    try:
+        arr = np.asarray(start, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ConfigError("start must be a list of numbers (fixed effects, then variance components), got "
+                          f"{type(start).__name__}") from None
+    if arr.size == 0:
+        raise DataError("start is empty; give the fixed effects, then the variance components")
+    if not np.isfinite(arr).all():
+        raise DataError(f"start has non-finite values at position(s) {np.flatnonzero(~np.isfinite(arr)).tolist()}")
+    return arr

@@ -275,7 +275,12 @@ class Binomial(Family):
                 raise DataError("the response has missing values; drop those rows first")
         else:
             raise DataError(f"the binomial response must be numeric, boolean or two-valued, got dtype {arr.dtype}")
-        uniq = np.unique(arr)
+        try:
+            uniq = np.unique(arr)
+        except TypeError:   # values of different types cannot be ordered
+            raise DataError("the binomial response mixes values of different types, such as "
+                            f"{_examples(np.unique(arr.astype(str)))}; give 0/1, booleans or two values of "
+                            "one type") from None
         if numeric and np.all(np.isin(uniq, [0.0, 1.0])):
             return arr.astype(np.float64)
         if len(uniq) == 2:

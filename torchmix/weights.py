@@ -18,7 +18,7 @@ import pandas as pd
 
 from .errors import WeightError
 
-__all__ = ["weight_columns", "check_weight_values", "group_constant", "to_conditional", "to_unconditional", "weight_stats"]
+__all__ = ["weight_columns", "check_weight_values", "check_weight_range", "group_constant", "to_conditional", "to_unconditional", "weight_stats"]
 
 CONSTANCY_TOL = 1e-8
 
@@ -68,6 +68,30 @@ def check_weight_values(data: pd.DataFrame, columns) -> None:
         if n_inf:
             raise WeightError(f"weight column {col!r} has infinite values in {n_inf} row(s); weights must be "
                               "finite positive numbers")
+        check_weight_range(num[np.isfinite(num) & (num > 0)], col)
+
+
+def check_weight_range(positive: np.ndarray, column: str) -> None:
+    r"""Reject positive weights that float64 arithmetic cannot carry.
+
+    A weight below the smallest normal float64 (subnormal), a column whose sum overflows, or
+    weights spanning more than :math:`1/\epsilon \approx 4.5\times10^{15}` (the smallest would vanish
+    next to the largest in every weighted sum) is a :class:`~torchmix.errors.WeightError`. The rule
+    depends on ratios and on float64's range only, not on the units of the weights.
+    """
+    if positive.size == 0:
+        return
+    tiny, big = float(positive.min()), float(positive.max())
+    if tiny < np.finfo(np.float64).tiny:
+        raise WeightError(f"weight column {column!r} has values below {np.finfo(np.float64).tiny:.3g} (subnormal "
+                          "numbers), which float64 arithmetic cannot carry; check the column")
+    if not np.isfinite(positive.sum(dtype=np.float64)):
+        raise WeightError(f"weight column {column!r} is too large to add up in float64 (largest {big:.3g}); "
+                          "divide it by a constant")
+    if big / tiny > 1.0 / np.finfo(np.float64).eps:
+        raise WeightError(f"weight column {column!r} spans more than {1 / np.finfo(np.float64).eps:.2g} from its "
+                          f"smallest ({tiny:.3g}) to its largest ({big:.3g}) value: the smallest weights would "
+                          "vanish in every weighted sum; check the column")
 
 
 def group_constant(values: np.ndarray, codes: np.ndarray, n_groups: int, column: str,
