@@ -71,7 +71,34 @@ def ranef_tables(estimates: dict, std_errors: dict) -> dict:
 
 
 class _RanefViews:
-    """Tidy frame and caterpillar plot from ``ranef`` and ``ranef_se`` (single or pooled fits)."""
+    """Tidy frame and caterpillar plot from ``ranef`` and ``ranef_se`` (single or pooled fits).
+
+    Subclasses give ``_levels`` (the design's levels) and ``ranef_posterior()``; for pooled fits the
+    posterior is Rubin's (see :class:`PooledRanefMixin`).
+    """
+
+    @cached_property
+    def _posterior(self) -> Posterior:
+        return self.ranef_posterior()
+
+    def _level_frames(self, tensors) -> dict:
+        return {info.name: pd.DataFrame(t.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
+                for info, t in zip(self._levels, tensors)}
+
+    @cached_property
+    def ranef_se(self) -> dict:
+        """Level name -> DataFrame of conditional standard errors (same shape as ``ranef``)."""
+        return self._level_frames(self._posterior.sd)
+
+    @cached_property
+    def ranef_mean(self) -> dict:
+        """Level name -> DataFrame of posterior means (gaussian: the predictions themselves)."""
+        return self._level_frames(self._posterior.mean)
+
+    @cached_property
+    def ranef_cov(self) -> dict:
+        """Level name -> ``(G, q, q)`` array of posterior covariances, rows in ``ranef`` order."""
+        return {info.name: c.detach().cpu().numpy() for info, c in zip(self._levels, self._posterior.cov)}
 
     def ranef_frame(self) -> pd.DataFrame:
         """Random effects in long form: level, group, id, term, estimate, std_error.
@@ -174,13 +201,9 @@ class RanefMixin(_RanefViews):
         lams = lambdas_absolute(out.theta, [lv.term_sizes for lv in t.levels])
         return quadrature_posterior(t, self.family, out.beta, lams, int(n_quad), modes=out.u)
 
-    @cached_property
-    def _posterior(self) -> Posterior:
-        return self.ranef_posterior()
-
-    def _level_frames(self, tensors) -> dict:
-        return {info.name: pd.DataFrame(t.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
-                for info, t in zip(self.design.levels, tensors)}
+    @property
+    def _levels(self) -> list:
+        return self.design.levels
 
     def _ranef_tables(self) -> dict:
         se = self.ranef_se
@@ -191,21 +214,6 @@ class RanefMixin(_RanefViews):
             table.level = info.name
             out[info.name] = table
         return out
-
-    @cached_property
-    def ranef_se(self) -> dict:
-        """Level name -> DataFrame of conditional standard errors (same shape as ``ranef``)."""
-        return self._level_frames(self._posterior.sd)
-
-    @cached_property
-    def ranef_mean(self) -> dict:
-        """Level name -> DataFrame of posterior means (gaussian: the predictions themselves)."""
-        return self._level_frames(self._posterior.mean)
-
-    @cached_property
-    def ranef_cov(self) -> dict:
-        """Level name -> ``(G, q, q)`` array of posterior covariances, rows in ``ranef`` order."""
-        return {info.name: c.detach().cpu().numpy() for info, c in zip(self.design.levels, self._posterior.cov)}
 
 
 class PooledRanefMixin(_RanefViews):
@@ -231,27 +239,6 @@ class PooledRanefMixin(_RanefViews):
             covs.append(cov)
         return Posterior(mean=means, cov=covs)
 
-    @cached_property
-    def _posterior(self) -> Posterior:
-        return self.ranef_posterior()
-
-    def _level_frames(self, tensors) -> dict:
-        levels = self.fits[0].design.levels
-        return {info.name: pd.DataFrame(t.detach().cpu().numpy(), index=info.labels, columns=info.effect_names)
-                for info, t in zip(levels, tensors)}
-
-    @cached_property
-    def ranef_se(self) -> dict:
-        """Level name -> DataFrame of pooled conditional standard errors."""
-        return self._level_frames(self._posterior.sd)
-
-    @cached_property
-    def ranef_mean(self) -> dict:
-        """Level name -> DataFrame of pooled posterior means."""
-        return self._level_frames(self._posterior.mean)
-
-    @cached_property
-    def ranef_cov(self) -> dict:
-        """Level name -> ``(G, q, q)`` array of pooled (Rubin) posterior covariances."""
-        levels = self.fits[0].design.levels
-        return {info.name: c.detach().cpu().numpy() for info, c in zip(levels, self._posterior.cov)}
+    @property
+    def _levels(self) -> list:
+        return self.fits[0].design.levels
