@@ -27,6 +27,7 @@ __all__ = [
     "theta_from_tau",
     "normalise_theta_signs",
     "diagonal_theta_mask",
+    "blank_zero_variances",
 ]
 
 
@@ -168,3 +169,25 @@ def normalise_theta_signs(theta: torch.Tensor, term_sizes: Sequence[int]) -> tor
     lam = lam * signs.reshape(1, q)
     rows, cols = theta_index(term_sizes)
     return lam[rows, cols]
+
+
+def blank_zero_variances(tau: torch.Tensor, cov: torch.Tensor, level_term_sizes) -> torch.Tensor:
+    r"""Set to NaN the rows and columns of ``cov`` whose variance in ``tau`` is exactly zero.
+
+    A variance estimated on the boundary (0) has no standard error. ``tau`` holds the levels'
+    components in reporting order (anything after them, such as the residual, is left alone).
+
+    Parameters
+    ----------
+    tau : ``(n_tau,)``; cov : ``(n_tau, n_tau)``, modified in place and returned;
+    level_term_sizes : per level, its term sizes.
+    """
+    start = 0
+    for ts in level_term_sizes:
+        rows, cols = tau_index(ts)
+        for j, (r, c) in enumerate(zip(rows, cols)):
+            if r == c and float(tau[start + j]) == 0.0:
+                cov[start + j, :] = float("nan")
+                cov[:, start + j] = float("nan")
+        start += len(rows)
+    return cov

@@ -39,7 +39,7 @@ from .errors import DataError
 from .progress import progress_bar
 from .r2_results import R2Mixin
 from .ranef_results import PooledRanefMixin, ranef_tables
-from .report.interface import PooledCommon
+from .report.interface import PooledCommon, correlations_of
 from .report.mixin import InferenceMixin, add_inference_columns
 from .report.se_type import complete_data_df
 from .report.summary_ext import extended_summary, se_line
@@ -285,17 +285,7 @@ class PooledResults(InferenceMixin, PooledCommon, R2Mixin, PooledRanefMixin):
         rows = vd[vd["var2"] != ""]
         if rows.empty:
             return pd.Series(dtype=float, name="correlation")
-        per_fit = []
-        for f in self.fits:
-            fvd = f.var_df
-            est = pd.Series(fvd["estimate"].to_numpy(), index=list(zip(fvd["group"], fvd["var1"], fvd["var2"])))
-            rho = []
-            for _, r in rows.iterrows():
-                va = est[(r["group"], r["var1"], "")]
-                vb = est[(r["group"], r["var2"], "")]
-                c = est[(r["group"], r["var1"], r["var2"])]
-                rho.append(c / math.sqrt(va * vb) if va > 0 and vb > 0 else np.nan)
-            per_fit.append(rho)
+        per_fit = [correlations_of(f.var_df).to_numpy() for f in self.fits]
         return pd.Series(pooling.pool_correlations(np.array(per_fit)), index=rows["name"].to_numpy(),
                          name="correlation")
 

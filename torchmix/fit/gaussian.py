@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..covariance import (diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
-                          normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau)
+from ..covariance import (blank_zero_variances, diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
+                          normalise_theta_signs, tau_from_lambda, theta_from_tau)
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood import gaussian_grad as closed_form
@@ -115,16 +115,7 @@ def _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, 
         pos = torch.tensor(pos, device=psi.device)
         tau[pos] = t
         tau_cov[pos[:, None], pos[None, :]] = c
-    # a variance estimated at exactly zero (boundary) has no standard error
-    start = 0
-    for ts in term_sizes:
-        rows, cols = tau_index(ts)
-        for j, (r, c) in enumerate(zip(rows, cols)):
-            if r == c and float(tau[start + j]) == 0.0:
-                tau_cov[start + j, :] = float("nan")
-                tau_cov[:, start + j] = float("nan")
-        start += len(rows)
-    return tau, tau_cov
+    return tau, blank_zero_variances(tau, tau_cov, term_sizes)
 
 
 def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol: float = 1e-8,

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch.func import jacfwd
 
-from ..covariance import diagonal_theta_mask, lambda_from_theta, n_theta, tau_from_lambda, tau_index
+from ..covariance import blank_zero_variances, diagonal_theta_mask, lambda_from_theta, n_theta, tau_from_lambda
 from ..errors import ConfigError, SmallSampleWarning
 from ..inference import safe_inverse_negative_hessian
 from ..tensors import FitOutput
@@ -108,15 +108,7 @@ def gaussian_tau_cov_model(out: FitOutput, term_sizes) -> torch.Tensor:
     d = jacfwd(tau_fn)(phi).detach()
     cov = d @ v_phi @ d.transpose(0, 1)
     tau = tau_fn(phi).detach()
-    start = 0
-    for ts in term_sizes:
-        rows, cols = tau_index(ts)
-        for j, (r, c) in enumerate(zip(rows, cols)):
-            if r == c and float(tau[start + j]) == 0.0:
-                cov[start + j, :] = float("nan")
-                cov[:, start + j] = float("nan")
-        start += len(rows)
-    return 0.5 * (cov + cov.transpose(0, 1))
+    return blank_zero_variances(tau, 0.5 * (cov + cov.transpose(0, 1)), term_sizes)
 
 
 def apply_se_type(out: FitOutput, tensors, se_type: str) -> FitOutput:
