@@ -366,7 +366,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
                        replicate_weights=replicate_weights, replicate_method=replicate_method, fay_rho=fay_rho,
                        scale=scale, rscales=rscales, mse=mse, jk_zone=jk_zone, jk_rep=jk_rep,
                        jk_both_halves=jk_both_halves, replicate_pv=replicate_pv, survey=survey)
-    dv = resolve_design_variance(prepared.plan.materialise(data), prepared.design, prepared.plan, design_args)
+    dv = resolve_design_variance(data, prepared.design, prepared.plan, design_args)
     if dv is not None and dv.kind == "linearization":
         prepared.extra["meat"] = dv.meat
     top = prepared.design.levels[-1] if prepared.design.levels else None

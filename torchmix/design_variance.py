@@ -197,11 +197,10 @@ def _full_level1_weight(data, design, plan) -> np.ndarray:
     cols = list(plan.weights) if plan is not None and plan.weights else None
     if not cols:
         raise ConfigError("replicate weights need the full-sample weights: give weights= (or a survey preset)")
+    data = plan.materialise(data)   # product weight columns of some presets
     if plan.cweights:
-        w = np.prod([_rows(data, design, c).astype(float) for c in cols], axis=0)
-    else:
-        w = _rows(data, design, cols[0]).astype(float)
-    return w
+        return np.prod([_rows(data, design, c).astype(float) for c in cols], axis=0)
+    return _rows(data, design, cols[0]).astype(float)
 
 
 def _replicate(data, design, plan, a) -> DesignVariance:
@@ -251,7 +250,7 @@ def _replicate(data, design, plan, a) -> DesignVariance:
                     blocks.append(_ratio_factors(data, design, _full_level1_weight(data, design, plan), cols,
                                                  "replicate_weights"))
                 elif key == top_col:
-                    full = _rows(data, design, key).astype(float)
+                    full = _rows(plan.materialise(data), design, key).astype(float)
                     blocks.append(_ratio_factors(data, design, full, cols, "replicate_weights"))
                 else:
                     raise ConfigError(f"replicate_weights: {key!r} is not the level-1 or the top-level weight "
@@ -295,7 +294,8 @@ def resolve_design_variance(data: pd.DataFrame, design, plan, args: dict) -> Opt
     Parameters
     ----------
     data : the caller's DataFrame; design : the built :class:`~torchmix.design.Design`;
-    plan : the weighting plan (its weight columns); args : the ``mix()`` keywords
+    plan : the weighting plan (its weight columns, materialised only where replicate factors need
+        the full-sample weights); args : the ``mix()`` keywords
         ``se_type, strata, psu, fpc, lonely_psu, replicate_weights, replicate_method, fay_rho, scale,
         rscales, mse, jk_zone, jk_rep, jk_both_halves, replicate_pv, survey``.
 

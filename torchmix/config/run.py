@@ -208,7 +208,7 @@ def check_run(cfg: RunConfig, data) -> str:
     kwargs["progress"] = False
     prepared = api._prepare(model.formula, data, **kwargs, call="validate")
     design = prepared.design
-    dv = resolve_design_variance(prepared.plan.materialise(data), design, prepared.plan,
+    dv = resolve_design_variance(data, design, prepared.plan,
                                  {**variance, "survey": model.survey})
     levels = ", ".join(f"level {l} {info.name!r}: {len(info.labels)} groups"
                        for l, info in enumerate(design.levels, start=2))
