@@ -22,6 +22,8 @@ from .arguments import attach_weight_series, resolve_aliases
 from .checks import check_identifiable, check_start
 from .design import Design, build_design
 from .design_variance import resolve_design_variance
+from .distributed import is_main
+from .distributed.tasks import spread_plausible_values
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
 from .families import get_family
 from .fit.gaussian import fit_gaussian
@@ -199,14 +201,15 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def _fit_many(prepared: Prepared, ys: list, advance=None) -> list:
+def _fit_many(prepared: Prepared, ys: list, advance=None, first: Optional[MixedResults] = None) -> list:
     """Fit a model to several responses at once (plausible values): the first as usual, with its
-    warnings; the others batched over values (:mod:`~torchmix.fit.gaussian_many`,
-    :mod:`~torchmix.fit.glmm_many`). ``advance(n)`` (a progress bar's ``update``) is called as
-    values are done."""
-    first = _fit_one(prepared, ys[0])
-    if advance is not None:
-        advance(1)
+    warnings (unless its fit is given as ``first``); the others batched over values
+    (:mod:`~torchmix.fit.gaussian_many`, :mod:`~torchmix.fit.glmm_many`). ``advance(n)`` (a
+    progress bar's ``update``) is called as values are done."""
+    if first is None:
+        first = _fit_one(prepared, ys[0])
+        if advance is not None:
+            advance(1)
     stacked = torch.stack(ys, dim=1)
     o = prepared.options
     with _deterministic(o["deterministic"]), warnings.catch_warnings():
@@ -355,6 +358,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     if isinstance(weights, list):
         weights = [str(w) if isinstance(w, str) else w for w in weights]
     num_threads = check_num_threads(num_threads)
+    progress = bool(progress) and is_main()  # under a process group, rank 0 alone shows progress
     start = check_start(start)
     prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
                         center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
@@ -375,7 +379,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     with fit_threads(choose_threads(_work(prepared), num_threads)):
         if prepared.responses is not None:
             res = fit_plausible_values(prepared, prepared.responses, _fit_one, progress,
-                                       fit_many=_fit_many)
+                                       fit_many=spread_plausible_values(_fit_many, _fit_one))
         else:
             res = _fit_one(prepared, start=start)
         if dv is None:

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from .errors import ConvergenceWarning
-from .fit.replicates import estimate_vector, gaussian_estimates, make_progress, refit_replicates
+from .distributed.tasks import spread_replicates
+from .fit.replicates import estimate_vector, gaussian_estimates, make_progress
 from .warn import warn
 
 __all__ = ["apply_design_variance"]
@@ -51,7 +52,7 @@ def _replicate_cov(res, dv, fit: Callable, bar):
         start = torch.cat([t.reshape(-1) for t in out.theta])
     else:
         start = full
-    est, n_failed = refit_replicates(res.design.tensors, dv.scheme.factors, fit, start, progress=bar)
+    est, n_failed = spread_replicates(res.design.tensors, dv.scheme.factors, fit, start, progress=bar)
     if n_failed:
         warn(f"{n_failed} of {dv.scheme.n_replicates} replicate fits did not converge; their estimates "
                       "are used as they are", ConvergenceWarning)
