@@ -70,6 +70,24 @@ def numbers(res) -> dict:
     return out
 
 
+def failure_messages(w) -> list:
+    """The errors every process raises when the last one fails in a task-parallel step."""
+    from torchmix.distributed.collect import all_gather, together
+    from torchmix.errors import DataError
+
+    def step():
+        if w.rank == w.size - 1:
+            raise DataError("column 'zz' is broken")
+        return w.rank
+
+    try:
+        together(step, "a test step")
+        mine = "no error"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        mine = f"{type(exc).__name__}: {exc}"
+    return all_gather(mine)
+
+
 def main(argv) -> None:
     import torch.distributed as dist
 
@@ -77,8 +95,10 @@ def main(argv) -> None:
 
     path, names = argv[0], argv[1:]
     with process_group():
-        got = {name: numbers(fit_case(name)) for name in names}
         w = launched()
+        got = {name: numbers(fit_case(name)) for name in names if name != "fail"}
+        if "fail" in names:  # the last process raises; every process must hear of it
+            got["fail"] = failure_messages(w)
         if w.rank == 0:
             got["world_size"] = w.size
             with open(path, "wb") as fh:

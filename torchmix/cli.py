@@ -9,6 +9,12 @@ Subcommands
     versions, device, timings, convergence status, warnings). The files are written all or
     nothing (:mod:`torchmix.outputs`): the folder is replaced only once every file is written, and
     an existing folder holding other files is refused before fitting.
+``torchrun --nproc_per_node=P -m torchmix fit CONFIG [--timeout SECONDS]``
+    The same fit over P processes (:mod:`torchmix.distributed`): the command joins the process
+    group ``torchrun`` prepared (gloo on the CPU; NCCL with ``device = "cuda"``, each process on
+    its GPU ``cuda:LOCAL_RANK``), every process reads the data and takes part in the fit, and
+    process 0 alone prints and writes the output folder; ``run.json`` records ``world_size``.
+    ``--timeout`` (or ``[distributed] timeout``) bounds how long a process waits for the others.
 ``torchmix validate CONFIG``
     Check the config, load the data and check the columns and weights it names, without fitting.
 ``torchmix datasets``
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", metavar="DIR", help="output folder (overrides [output] folder)")
     fit.add_argument("--quiet", action="store_true",
                      help="print no summary and no progress bars (errors and warnings still go to stderr)")
+    fit.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="under torchrun: seconds a process waits for the others before it fails "
+                          "(overrides [distributed] timeout)")
 
     val = sub.add_parser("validate", parents=[common], help="check a config and its data without fitting",
                          description="Check a TOML config, load its data and check the columns and "
@@ -200,21 +209,44 @@ def _folder_origin(cfg, out) -> str:
 
 
 def _cmd_fit(args) -> int:
-    from .config import check_device, check_output, load_config, load_data, run_config
+    from .config import load_config
+    from .distributed import process_group
 
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     cfg = cfg.with_overrides(device=args.device, folder=args.out, progress=False if args.quiet else None)
-    check_device(cfg.fit.device)
-    check_output(cfg)
-    folder = check_output_folder(cfg.output_folder(), _folder_origin(cfg, args.out))
+    timeout = cfg.distributed.timeout if args.timeout is None else args.timeout
+    with process_group(cfg.fit.device, timeout) as device:  # under torchrun: one process of several
+        if device != cfg.fit.device:
+            cfg = cfg.with_overrides(device=device)
+        return _fit_and_write(args, cfg, t0)
+
+
+def _fit_and_write(args, cfg, t0: float) -> int:
+    from .config import check_device, check_output, load_data, run_config
+    from .distributed import is_main, launched
+    from .distributed.collect import together
+
+    main_process = is_main()
+
+    def checks():
+        check_device(cfg.fit.device)
+        check_output(cfg)
+        return check_output_folder(cfg.output_folder(), _folder_origin(cfg, args.out)) if main_process else None
+
+    folder = together(checks, "the checks before fitting")[0]
     t1 = time.perf_counter()
     data = load_data(cfg)
     t2 = time.perf_counter()
     caught: list = []
     with _warnings_to_stderr(caught):
+        if not main_process:  # process 0 reports the warnings
+            warnings.simplefilter("ignore")
         res = run_config(cfg, data)
     t3 = time.perf_counter()
+    group = launched()
+    if not main_process:
+        return EXIT_OK
     converged = _converged(res)
     lnl = getattr(res, "lnl", None)
     run_info = {
@@ -224,6 +256,7 @@ def _cmd_fit(args) -> int:
         "n_rows_data": int(len(data)),
         "warnings": caught,
         "device": _device_info(cfg.fit.device),
+        "world_size": 1 if group is None else group.size,
         "versions": _versions(),
         "command": [_PROG, *args.argv],
         "timings_s": {"config": t1 - t0, "load_data": t2 - t1, "fit": t3 - t2},

@@ -59,6 +59,9 @@ Relative paths written in the file are relative to the folder that holds the fil
     folder  = "results/sleepstudy"             # absent: results/<config name> in the working folder
     formats = ["csv"]                          # table formats: "csv", "json", "parquet" (pyarrow)
 
+    [distributed]                              # runs launched by torchrun (several processes)
+    timeout = 1800                             # seconds a process waits for the others, then fails
+
 An unknown section or key, a value of the wrong type or a missing required key raises a
 :class:`~torchmix.errors.ConfigError` that names the file, the section and the key, and suggests
 the closest valid key. :func:`load_config` parses a file into frozen dataclasses;

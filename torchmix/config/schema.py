@@ -15,8 +15,8 @@ from .checks import (TABLE_FORMATS, _bool, _device, _df, _dtype, _float_list, _f
                      _int_between, _nonempty_str, _positive_float, _replicate_weights, _str_list,
                      _str_or_str_list, _table_of_str_lists, _unit_float)
 
-__all__ = ["DataConfig", "ModelConfig", "FitConfig", "VarianceConfig", "OutputConfig", "RunConfig", "SCHEMA",
-           "TABLE_FORMATS"]
+__all__ = ["DataConfig", "ModelConfig", "FitConfig", "VarianceConfig", "OutputConfig", "DistributedConfig",
+           "RunConfig", "SCHEMA", "TABLE_FORMATS"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,13 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Runs launched by ``torchrun``: seconds a process waits for the others before it fails."""
+
+    timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A parsed run configuration: one :func:`torchmix.mix` call and where to write its results."""
 
@@ -101,6 +108,7 @@ class RunConfig:
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     source: Optional[Path] = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def name(self) -> str:
@@ -156,6 +164,7 @@ class RunConfig:
             "fit": {k: _plain(v) for k, v in _fields(self.fit).items()},
             "variance": {k: _plain(v) for k, v in _fields(self.variance).items()},
             "output": {"folder": str(self.output_folder()), "formats": list(self.output.formats)},
+            "distributed": {k: _plain(v) for k, v in _fields(self.distributed).items()},
         }
 
 
@@ -234,5 +243,8 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = MappingProxyType({
     "output": MappingProxyType({
         "folder": _Key(_nonempty_str, doc="output folder, relative to the config's folder"),
         "formats": _Key(_formats, doc="table formats"),
+    }),
+    "distributed": MappingProxyType({
+        "timeout": _Key(_positive_float, doc="seconds a process waits for the others under torchrun"),
     }),
 })

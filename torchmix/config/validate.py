@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional, Union
 
 from ..errors import ConfigError
 from .checks import _typename
-from .schema import SCHEMA, DataConfig, FitConfig, ModelConfig, OutputConfig, RunConfig, VarianceConfig
+from .schema import (SCHEMA, DataConfig, DistributedConfig, FitConfig, ModelConfig, OutputConfig, RunConfig,
+                     VarianceConfig)
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -129,8 +130,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Optional[Union[str, Path]] =
     if "folder" in out:
         out["folder"] = _resolve(out["folder"], base_dir)
     out_cfg = OutputConfig(**out)
+    dist_cfg = DistributedConfig(**_parse_section(raw, "distributed", where_file))
     return RunConfig(data=data_cfg, model=model_cfg, fit=fit_cfg, variance=var_cfg, output=out_cfg,
-                     source=source.resolve() if source is not None else None)
+                     source=source.resolve() if source is not None else None, distributed=dist_cfg)
 
 
 def load_config(path: Union[str, Path]) -> RunConfig:

@@ -7,8 +7,9 @@ list of them in rank order, on every rank.
 
 A process that raises while the others wait in a collective would leave them waiting until the
 group's timeout. :func:`together` runs a step on every rank and exchanges its outcome, so that an
-exception on one rank raises on every rank (the failing rank's own exception; a
-:class:`~torchmix.errors.NumericalError` naming the failing rank and its message elsewhere).
+exception on one rank raises on every rank: the failing rank's own exception there; elsewhere the
+same torchmix error class (a :class:`~torchmix.errors.NumericalError` for any other exception)
+naming the failing rank and its message.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import errors
 from ..errors import NumericalError
 from .context import launched
 
@@ -70,12 +72,15 @@ def together(step: Callable[[], Any], what: str = "a step") -> list:
         payload = ("ok", step())
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the others have heard of it
         error = exc
-        payload = ("error", f"{type(exc).__name__}: {exc}")
+        payload = ("error", (type(exc).__name__, str(exc)))
     gathered = all_gather(payload)
     if error is not None:
         raise error
-    failed = [(r, msg) for r, (kind, msg) in enumerate(gathered) if kind == "error"]
+    failed = [(r, value) for r, (kind, value) in enumerate(gathered) if kind == "error"]
     if failed:
-        rank, msg = failed[0]
-        raise NumericalError(f"process {rank} of {len(gathered)} failed during {what}: {msg}")
+        rank, (name, msg) = failed[0]
+        cls = getattr(errors, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.TorchmixError)):
+            cls, msg = NumericalError, f"{name}: {msg}"
+        raise cls(f"process {rank} of {len(gathered)} failed during {what}: {msg}")
     return [value for _, value in gathered]
