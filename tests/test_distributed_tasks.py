@@ -161,3 +161,10 @@ def test_rank_device_and_moves():
     assert rank_device("cpu", 3) == "cpu"
     moved = to_device({"x": [torch.ones(2)], "y": (1, torch.zeros(1))}, "cpu")
     assert moved["x"][0].device.type == "cpu" and moved["y"][0] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_check_script_says_it_has_not_run_without_cuda():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_cuda.py")], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and "has not run" in proc.stdout
