@@ -236,7 +236,9 @@ def _fit_and_write(args, cfg, t0: float) -> int:
 
     folder = together(checks, "the checks before fitting")[0]
     t1 = time.perf_counter()
-    data = load_data(cfg)
+    loaded: dict = {}
+    together(lambda: loaded.update(data=load_data(cfg)), "reading the data")  # every process reads them
+    data = loaded["data"]
     t2 = time.perf_counter()
     caught: list = []
     with _warnings_to_stderr(caught):
