@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-import distributed_cases as cases
+import task_cases as cases
 from torchmix.distributed import launched, process_group, world
 from torchmix.distributed.collect import all_gather, to_device, together
 from torchmix.distributed.launch import launcher_env, rank_device
@@ -51,7 +51,7 @@ def _launch(nproc: int, args: list, cwd=ROOT) -> subprocess.CompletedProcess:
 
 def _run_cases(tmp_path_factory, nproc: int, names: list) -> dict:
     out = tmp_path_factory.mktemp(f"dist{nproc}") / "numbers.pkl"
-    _launch(nproc, [str(ROOT / "tests" / "distributed_cases.py"), str(out), *names])
+    _launch(nproc, [str(ROOT / "tests" / "task_cases.py"), str(out), *names])
     with open(out, "rb") as fh:
         return pickle.load(fh)
 

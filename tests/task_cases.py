@@ -3,7 +3,7 @@
 Run as a script under ``torch.distributed.run`` it fits the cases named on the command line in
 every process and rank 0 writes what :func:`numbers` extracts to a pickle file::
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_cases.py OUT.pkl pv_gauss ...
+    python -m torch.distributed.run --nproc_per_node=2 tests/task_cases.py OUT.pkl pv_gauss ...
 """
 
 from __future__ import annotations
