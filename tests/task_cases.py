@@ -51,6 +51,9 @@ def fit_case(name: str, n_pv: int = 5):
     if name == "rep_gauss":
         return tm.mix("pv1 ~ x + (1 | g)", data, replicate_weights="rw\\d+", replicate_method="Fay", fay_rho=0.5,
                       **common)
+    if name == "rep_logit":
+        return tm.mix("b1 ~ x + (1 | g)", data, family="binomial", n_quad=7, replicate_weights="rw\\d+",
+                      replicate_method="Fay", fay_rho=0.5, **common)
     if name == "rep_pv":
         return tm.mix("y ~ x + (1 | g)", data, plausible_values={"y": pv[:3]}, replicate_weights="rw\\d+",
                       replicate_method="JK1", **common)

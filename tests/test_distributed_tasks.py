@@ -2,8 +2,8 @@
 
 The tests launch 2 or 3 gloo processes on the CPU themselves (``python -m torch.distributed.run``
 in a subprocess, with a timeout) and compare what process 0 returns with the same fits in this
-process: plausible values (gaussian with a random slope, logit), replicate variance (Fay, JK1 with
-plausible values), more processes than fits, a failing process, and the command line.
+process: plausible values (gaussian with a random slope, logit), replicate variance (Fay gaussian and
+logit, JK1 with plausible values), more processes than fits, a failing process, and the command line.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _run_cases(tmp_path_factory, nproc: int, names: list) -> dict:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _run_cases(tmp_path_factory, 2, ["pv_gauss", "pv_logit", "rep_gauss", "rep_pv"])
+    return _run_cases(tmp_path_factory, 2, ["pv_gauss", "pv_logit", "rep_gauss", "rep_logit", "rep_pv"])
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _assert_same(got: dict, ref: dict):
 
 @gloo
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pv_gauss", "pv_logit", "rep_gauss", "rep_pv"])
+@pytest.mark.parametrize("name", ["pv_gauss", "pv_logit", "rep_gauss", "rep_logit", "rep_pv"])
 def test_two_processes_equal_one(two, name):
     assert two["world_size"] == 2
     ref = cases.numbers(cases.fit_case(name))
