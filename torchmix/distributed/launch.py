@@ -22,6 +22,7 @@ also destroys it), the block runs unchanged.
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -95,7 +96,9 @@ def process_group(device="cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterato
         device = rank_device(device, env["local_rank"])
         torch.cuda.set_device(torch.device(device))
     backend = "nccl" if cuda else "gloo"
-    kwargs = {"device_id": torch.device(device)} if cuda else {}
+    kwargs = {}
+    if cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = torch.device(device)   # binds the NCCL communicator to this GPU
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     try:
         yield str(device)
