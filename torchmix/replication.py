@@ -18,7 +18,8 @@ import torch
 
 from .errors import ConvergenceWarning
 from .distributed.tasks import spread_replicates
-from .fit.replicates import estimate_vector, gaussian_estimates, make_progress
+from .fit.gaussian_replicates import GaussianReplicateFit
+from .fit.replicates import estimate_vector, make_progress
 from .warn import warn
 
 __all__ = ["apply_design_variance"]
@@ -45,10 +46,7 @@ def _replicate_cov(res, dv, fit: Callable, bar):
     full = estimate_vector(out)
     if out.sigma is not None:   # gaussian: estimates only, from the full-sample theta
         o = res.options
-
-        def fit(tensors, theta0):
-            return gaussian_estimates(tensors, theta0, max_iter=o["max_iter"], tol=o["tol"])
-
+        fit = GaussianReplicateFit(max_iter=o["max_iter"], tol=o["tol"])   # all replicates at once (2 levels)
         start = torch.cat([t.reshape(-1) for t in out.theta])
     else:
         start = full

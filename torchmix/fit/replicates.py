@@ -98,7 +98,9 @@ def refit_replicates(tensors: ModelTensors, factors: torch.Tensor, fit: Callable
     ----------
     tensors : the full-sample model (its response included).
     factors : ``(R, G_L)`` replicate factors.
-    fit : ``fit(tensors, start) -> FitOutput`` or ``(estimates, converged)``.
+    fit : ``fit(tensors, start) -> FitOutput`` or ``(estimates, converged)``. When it also has a
+        method ``batched(tensors, factors, start, progress)`` returning ``(estimates, n_failed)``
+        (or None where it does not apply), every replicate is refitted by that one call.
     start : the start of every replicate (the full-sample solution, in the form ``fit`` takes).
     progress : optional tqdm bar, advanced once per replicate.
 
@@ -107,6 +109,11 @@ def refit_replicates(tensors: ModelTensors, factors: torch.Tensor, fit: Callable
     estimates : ``(R, p + n_tau)``; n_failed : number of replicates that did not converge
     (their estimates are kept, as in the R ``survey`` package).
     """
+    batched = getattr(fit, "batched", None)
+    if batched is not None:
+        done = batched(tensors, factors, start, progress)
+        if done is not None:
+            return done
     rows, n_failed = [], 0
     for r in range(factors.shape[0]):
         with warnings.catch_warnings(record=True) as caught:
