@@ -75,20 +75,28 @@ def test_batched_equals_one_by_one(formula):
     np.testing.assert_allclose(est[0].numpy(), full, rtol=1e-8)
 
 
-def test_objective_and_gradient_equal_the_likelihood_with_scaled_weights():
-    res = _fit(F2, sleepstudy_weighted())
+@pytest.mark.parametrize("formula", [F1, F2])
+def test_objective_and_derivatives_equal_the_likelihood_with_scaled_weights(formula):
+    res = _fit(formula, sleepstudy_weighted())
     t = res.design.tensors
     fac = _factors(t.levels[0].n_groups, seed=4)
     lik = ReplicateLikelihood(t, fac)
     theta = torch.cat(res._out.theta).expand(fac.shape[0], -1) * torch.linspace(0.7, 1.3, fac.shape[0])[:, None]
-    val, grad = lik.value_and_grad(theta, torch.arange(fac.shape[0]))
+    val, grad, hess = lik.value_and_grad(theta, torch.arange(fac.shape[0]), order=2)
+    assert (hess is None) == (formula == F2)
     for r in range(fac.shape[0]):
         one = GaussianLikelihood(scale_top_weights(t, fac[r]))
+
+        def f(x):
+            return -one([x]) / one.n_w
+
         x = theta[r].clone().requires_grad_(True)
-        f = -one([x]) / one.n_w
-        (g,) = torch.autograd.grad(f, x)
-        assert float(val[r]) == pytest.approx(float(f.detach()), rel=1e-12)
+        (g,) = torch.autograd.grad(f(x), x)
+        assert float(val[r]) == pytest.approx(float(f(theta[r])), rel=1e-12)
         np.testing.assert_allclose(grad[r].numpy(), g.numpy(), rtol=1e-8, atol=1e-12)
+        if hess is not None:
+            h = torch.autograd.functional.hessian(f, theta[r].clone())
+            np.testing.assert_allclose(hess[r].numpy(), h.numpy(), rtol=1e-7)
 
 
 def test_offset_and_three_replicates_of_a_jk1_through_mix():

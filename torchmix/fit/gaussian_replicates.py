@@ -62,6 +62,10 @@ class ReplicateLikelihood:
     ----------
     tensors : the full-sample model (one grouping level), its response included.
     factors : ``(R, G)`` factor of every top-level group in every replicate.
+
+    Notes
+    -----
+    Methods take ``idx``, the replicate of each row of a batch, or None for all replicates in order.
     """
 
     def __init__(self, tensors: ModelTensors, factors: torch.Tensor):
@@ -74,89 +78,134 @@ class ReplicateLikelihood:
         g = lv.n_groups
         self.c_oo = cp[:, :q, :q].contiguous()                                  # (G, q, q)
         self.c_or = cp[:, :q, q:].contiguous()                                  # (G, q, r)
-        self.c_rr = cp[:, q:, q:].reshape(g, r * r)                             # (G, r*r)
         self.outer = (self.c_or[:, :, None, :, None] * self.c_or[:, None, :, None, :]).reshape(g * q * q, r * r)
+        if q == 1:   # the sums over groups of the scalar path: outer products, then C_oo
+            self.outer_t = torch.cat([self.outer, self.c_oo.reshape(g, 1)], dim=1).transpose(0, 1).contiguous()
         n_w_top = torch.zeros(g, dtype=cp.dtype, device=cp.device).index_add(0, tensors.row_top,
                                                                               tensors.w1_uncond)
         a = factors.to(dtype=cp.dtype, device=cp.device)
         self.weights = a * lv.w_uncond                                          # (R, G)
         self.n_w = a @ n_w_top                                                  # (R,)
+        self.k_const = self.weights @ cp[:, q:, q:].reshape(g, r * r)           # (R, r*r): sum_g W C_rr
         rows, cols = theta_index(self.term_sizes)
         self._free = (rows.to(cp.device), cols.to(cp.device))
 
-    def profile(self, theta: torch.Tensor, idx: torch.Tensor, gradient: bool = True):
-        r"""Objective :math:`-\ell_p/N_w`, its gradient and the profiled estimates for some replicates.
+    def _pick(self, idx):
+        if idx is None:
+            return self.weights, self.n_w, self.k_const
+        return self.weights[idx], self.n_w[idx], self.k_const[idx]
 
-        Parameters
-        ----------
-        theta : ``(B, n_theta)``; idx : int64 ``(B,)`` replicate of each row.
-
-        Returns
-        -------
-        value ``(B,)``, gradient ``(B, n_theta)`` (None when ``gradient`` is False),
-        beta ``(B, p)``, sigma2 ``(B,)``.
-        """
-        w, n_w = self.weights[idx], self.n_w[idx]                               # (B, G), (B,)
-        b, g = w.shape
-        q, p, r = self.q, self.p, self.p + 1
-        lam = lambda_from_theta(theta, self.term_sizes)                         # (B, q, q)
-        if q == 1:
-            lam2 = lam.reshape(b, 1) ** 2
-            a = lam2 * self.c_oo.reshape(1, g) + 1.0                            # (B, G)
-            logdet = 0.5 * torch.log(a)
-            a_inv = 1.0 / a
-            p_mat = (lam2 * a_inv).reshape(b, g, 1, 1)
-        else:
-            a = torch.einsum("bja,gjk,bkc->bgac", lam, self.c_oo, lam) + torch.eye(q, dtype=lam.dtype,
-                                                                                   device=lam.device)
-            chol = cholesky_lower(a.reshape(b * g, q, q))
-            logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1).reshape(b, g)
-            eye = torch.eye(q, dtype=lam.dtype, device=lam.device).expand(b * g, q, q)
-            a_inv = chol_solve(chol, eye).reshape(b, g, q, q)
-            p_mat = torch.einsum("bij,bgjk,blk->bgil", lam, a_inv, lam)
-        k_top = (w @ self.c_rr - (w[:, :, None, None] * p_mat).reshape(b, g * q * q) @ self.outer).reshape(b, r, r)
+    def _profiled(self, k_flat, n_w, logdet_sum):
+        """beta ``(B, p)``, r^2, sigma^2 ``(B,)``, K ``(B, r, r)`` and the log-likelihood from K and the log-determinants."""
+        p, r = self.p, self.p + 1
+        k_top = k_flat.reshape(-1, r, r)
         k_top = 0.5 * (k_top + k_top.transpose(1, 2))
         beta = torch.linalg.solve(k_top[:, :p, :p], k_top[:, :p, p])
         r2 = k_top[:, p, p] - (k_top[:, :p, p] * beta).sum(-1)
         sigma2 = r2 / n_w
-        ell = -(w * logdet).sum(-1) - 0.5 * n_w * (1.0 + torch.log(2 * math.pi * sigma2))
-        if not gradient:
-            return -ell / n_w, None, beta, sigma2
+        ell = -logdet_sum - 0.5 * n_w * (1.0 + torch.log(2 * math.pi * sigma2))
+        return beta, r2, sigma2, k_top, ell
+
+    def profile(self, theta: torch.Tensor, idx=None, order: int = 1):
+        r"""Objective :math:`-\ell_p/N_w` and its derivatives, and the profiled estimates, for some replicates.
+
+        Parameters
+        ----------
+        theta : ``(B, n_theta)``; idx : int64 ``(B,)`` replicate of each row (None: all, in order);
+        order : 0 (value only), 1 (and the gradient) or 2 (and the Hessian, one random effect only).
+
+        Returns
+        -------
+        value ``(B,)``, gradient ``(B, n_theta)``, Hessian ``(B, 1, 1)`` (None where not asked for),
+        beta ``(B, p)``, sigma2 ``(B,)``.
+        """
+        if self.q == 1:
+            return self._profile_scalar(theta, idx, order)
+        w, n_w, k_const = self._pick(idx)
+        b, g = w.shape
+        q = self.q
+        lam = lambda_from_theta(theta, self.term_sizes)                         # (B, q, q)
+        a = torch.einsum("bja,gjk,bkc->bgac", lam, self.c_oo, lam) + torch.eye(q, dtype=lam.dtype, device=lam.device)
+        chol = cholesky_lower(a.reshape(b * g, q, q))
+        logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1).reshape(b, g)
+        eye = torch.eye(q, dtype=lam.dtype, device=lam.device).expand(b * g, q, q)
+        a_inv = chol_solve(chol, eye).reshape(b, g, q, q)
+        p_mat = torch.einsum("bij,bgjk,blk->bgil", lam, a_inv, lam)
+        k_flat = k_const - (w[:, :, None, None] * p_mat).reshape(b, g * q * q) @ self.outer
+        beta, r2, sigma2, _, ell = self._profiled(k_flat, n_w, (w * logdet).sum(-1))
+        if order == 0:
+            return -ell / n_w, None, None, beta, sigma2
         xi = torch.cat([beta, -torch.ones_like(beta[:, :1])], dim=1)           # (B, r)
         c = torch.einsum("gqs,bs->bgq", self.c_or, xi)                          # (B, G, q)
-        if q == 1:
-            c = c[:, :, 0]
-            m = a_inv * lam.reshape(b, 1) * c                                   # (B, G)
-            c_lam = self.c_oo.reshape(1, g) * lam.reshape(b, 1)                 # (B, G)
-            resid = c - c_lam * m
-            grad_lam = (-(w * c_lam * a_inv).sum(-1)
-                        + (n_w / r2) * (w * resid * m).sum(-1)).reshape(b, 1, 1)
-        else:
-            m = torch.einsum("bgij,bkj,bgk->bgi", a_inv, lam, c)               # A^{-1} Lambda' c
-            c_lam = torch.einsum("gij,bjk->bgik", self.c_oo, lam)               # (B, G, q, q)
-            resid = c - torch.einsum("bgij,bgj->bgi", c_lam, m)
-            grad_lam = (-torch.einsum("bg,bgij,bgjk->bik", w, c_lam, a_inv)
-                        + (n_w / r2)[:, None, None] * torch.einsum("bg,bgi,bgj->bij", w, resid, m))
+        m = torch.einsum("bgij,bkj,bgk->bgi", a_inv, lam, c)                   # A^{-1} Lambda' c
+        c_lam = torch.einsum("gij,bjk->bgik", self.c_oo, lam)                   # (B, G, q, q)
+        resid = c - torch.einsum("bgij,bgj->bgi", c_lam, m)
+        grad_lam = (-torch.einsum("bg,bgij,bgjk->bik", w, c_lam, a_inv)
+                    + (n_w / r2)[:, None, None] * torch.einsum("bg,bgi,bgj->bij", w, resid, m))
         grad = grad_lam[:, self._free[0], self._free[1]]
-        return -ell / n_w, -grad / n_w[:, None], beta, sigma2
+        return -ell / n_w, -grad / n_w[:, None], None, beta, sigma2
 
-    def value_and_grad(self, theta: torch.Tensor, idx: torch.Tensor):
-        """``(value (B,), gradient (B, n_theta))`` of :math:`-\\ell_p/N_w`."""
-        val, grad, _, _ = self.profile(theta, idx)
-        return val, grad
+    def _profile_scalar(self, theta, idx, order):
+        r"""One random effect (:math:`\Lambda = \lambda`, :math:`C_g = n_g`): value, gradient and Hessian.
 
-    def estimates(self, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        With :math:`t_g = 1/A_g = 1/(1 + \lambda^2n_g)` (so :math:`\lambda^2n_gt_g = 1 - t_g`),
+        :math:`P = \lambda^2t`, :math:`P' = 2\lambda t^2`, :math:`P'' = 8t^3 - 6t^2`, and with
+        :math:`X_k = \sum_gW_gt_g^k\,[O_g, n_g]` (:math:`O_g = C_{or,g}^\top C_{or,g}`, one matrix
+        product for :math:`k = 1, 2, 3`): :math:`K = \sum_gW_gC_{rr,g} - \lambda^2X_1`,
+        :math:`K' = -2\lambda X_2`, :math:`K'' = -(8X_3 - 6X_2)`;
+        :math:`D = \sum_gW_g\tfrac12\log A_g` has :math:`D' = \lambda X_{1,n}` and
+        :math:`D'' = 2X_{2,n} - X_{1,n}`; :math:`r^2 = \min_\beta\xi^\top K\xi` has
+        :math:`(r^2)' = \hat\xi^\top K'\hat\xi` and
+        :math:`(r^2)'' = \hat\xi^\top K''\hat\xi - 2u^\top K_{\beta\beta}^{-1}u`, :math:`u = (K'\hat\xi)_\beta`
+        (the change of :math:`\hat\beta`); finally :math:`\ell_p' = -D' - \tfrac{N_w}2(r^2)'/r^2` and
+        :math:`\ell_p'' = -D'' - \tfrac{N_w}2\bigl((r^2)''/r^2 - ((r^2)'/r^2)^2\bigr)`.
+        """
+        w, n_w, k_const = self._pick(idx)
+        b, g = w.shape
+        p, r = self.p, self.p + 1
+        lam = theta.reshape(b, 1)
+        t = torch.reciprocal((lam * lam) * self.c_oo.reshape(1, g) + 1.0)       # (B, G)
+        logdet_sum = -0.5 * (w * torch.log(t)).sum(-1)
+        wt = torch.empty(order + 1, b, g, dtype=t.dtype, device=t.device)      # W t^k, k = 1..order+1
+        torch.mul(w, t, out=wt[0])
+        for k in range(order):
+            torch.mul(wt[k], t, out=wt[k + 1])
+        x = (self.outer_t @ wt.reshape(-1, g).transpose(0, 1)).transpose(0, 1).reshape(order + 1, b, r * r + 1)
+        lam = lam[:, 0]
+        beta, r2, sigma2, k_top, ell = self._profiled(k_const - (lam * lam)[:, None] * x[0, :, :-1], n_w, logdet_sum)
+        if order == 0:
+            return -ell / n_w, None, None, beta, sigma2
+        xi = torch.cat([beta, -torch.ones_like(beta[:, :1])], dim=1)           # (B, r)
+        x2 = x[1, :, :-1].reshape(b, r, r)
+        k1_xi = -2.0 * lam[:, None] * (x2 @ xi[:, :, None])[:, :, 0]            # K' xi
+        dr2 = (k1_xi * xi).sum(-1)
+        ell1 = -lam * x[0, :, -1] - 0.5 * n_w * dr2 / r2
+        grad = (-ell1 / n_w)[:, None]
+        if order < 2:
+            return -ell / n_w, grad, None, beta, sigma2
+        k2 = -(8.0 * x[2, :, :-1] - 6.0 * x[1, :, :-1]).reshape(b, r, r)
+        u = k1_xi[:, :p]
+        ddr2 = ((k2 @ xi[:, :, None])[:, :, 0] * xi).sum(-1) - 2.0 * (u * torch.linalg.solve(k_top[:, :p, :p], u)).sum(-1)
+        ell2 = -(2.0 * x[1, :, -1] - x[0, :, -1]) - 0.5 * n_w * (ddr2 / r2 - (dr2 / r2) ** 2)
+        return -ell / n_w, grad, (-ell2 / n_w)[:, None, None], beta, sigma2
+
+    def value_and_grad(self, theta: torch.Tensor, idx=None, order: int = 1):
+        """``(value (B,), gradient (B, n_theta), Hessian (B, 1, 1) or None)`` of :math:`-\\ell_p/N_w`;
+        the Hessian when ``order`` is 2 and the level has one random effect."""
+        return self.profile(theta, idx, order)[:3]
+
+    def estimates(self, theta: torch.Tensor, idx=None) -> torch.Tensor:
         r"""``(B, p + n_tau)``: :math:`\hat\beta`, then :math:`\tau = \operatorname{free}(\hat\sigma^2\Lambda\Lambda^\top)`
         and :math:`\hat\sigma^2` last, with diagonal :math:`\theta` entries below 1e-6 set to zero."""
         tiny = diagonal_theta_mask(self.term_sizes).to(theta.device) & (theta.abs() < BOUNDARY_TOL)
         theta = torch.where(tiny, torch.zeros_like(theta), theta)
-        _, _, beta, sigma2 = self.profile(theta, idx, gradient=False)
+        _, _, _, beta, sigma2 = self.profile(theta, idx, order=0)
         lam = lambda_from_theta(theta, self.term_sizes)
         tau = tau_from_lambda(lam, self.term_sizes, sigma2[:, None, None])
         return torch.cat([beta, tau, sigma2[:, None]], dim=1)
 
 
-def _fd_hessian(lik: ReplicateLikelihood, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _fd_hessian(lik: ReplicateLikelihood, theta: torch.Tensor, idx) -> torch.Tensor:
     r"""``(B, k, k)`` Hessians from central differences of the exact gradients, step
     :math:`\epsilon^{1/3}(1 + |\theta_s|)` (as :func:`~torchmix.fit.optimize.minimize`), symmetrised."""
     k = theta.shape[1]
@@ -175,6 +224,8 @@ def newton_all(lik: ReplicateLikelihood, theta0: torch.Tensor, n_rep: int, *, to
                newton_steps: int = 20, progress=None):
     r"""Damped Newton steps for every replicate together, from the common start ``theta0``.
 
+    The Hessian is exact for one random effect (:meth:`ReplicateLikelihood._scalar_derivatives`,
+    evaluated with the gradient), central differences of the exact gradient otherwise.
     A replicate stops when its largest gradient entry is below ``tol * 1e-4``, when its Hessian
     is not positive definite or when no step length in 30 halvings passes the test of
     :func:`~torchmix.fit.optimize.minimize` (sufficient decrease, or no increase beyond rounding
@@ -185,8 +236,12 @@ def newton_all(lik: ReplicateLikelihood, theta0: torch.Tensor, n_rep: int, *, to
     theta ``(R, n_theta)``; converged ``(R,)`` bool (largest gradient entry below ``tol``).
     """
     theta = theta0.reshape(1, -1).expand(n_rep, -1).clone()
-    every = torch.arange(n_rep, device=theta.device)
-    val, g = lik.value_and_grad(theta, every)
+    order = 2 if lik.q == 1 else 1
+    val, g, hess = lik.value_and_grad(theta, None, order)
+
+    def rows(i):   # None: every replicate, in order
+        return None if i.numel() == n_rep else i
+
     active = torch.ones(n_rep, dtype=torch.bool, device=theta.device)
     eps = torch.finfo(theta.dtype).eps
     reported = 0
@@ -205,7 +260,8 @@ def newton_all(lik: ReplicateLikelihood, theta0: torch.Tensor, n_rep: int, *, to
             break
         idx = torch.nonzero(active).reshape(-1)
         th, gi, vi = theta[idx], g[idx], val[idx]
-        chol, info = torch.linalg.cholesky_ex(_fd_hessian(lik, th, idx))
+        hi = hess[idx] if hess is not None else _fd_hessian(lik, th, rows(idx))
+        chol, info = torch.linalg.cholesky_ex(hi)
         pd = info == 0
         eye = torch.eye(th.shape[1], dtype=th.dtype, device=th.device)
         chol = torch.where(pd[:, None, None], chol, eye)
@@ -214,21 +270,25 @@ def newton_all(lik: ReplicateLikelihood, theta0: torch.Tensor, n_rep: int, *, to
         noise = 1024 * eps * (1 + vi.abs())
         alpha = torch.ones_like(vi)
         pending = pd.clone()
-        new_th, new_v, new_g = th.clone(), vi.clone(), gi.clone()
+        new_th, new_v, new_g, new_h = th.clone(), vi.clone(), gi.clone(), hi.clone()
         for _ in range(_HALVINGS):
             sub = torch.nonzero(pending).reshape(-1)
             trial = th[sub] + alpha[sub, None] * step[sub]
-            tv, tg = lik.value_and_grad(trial, idx[sub])
+            tv, tg, th2 = lik.value_and_grad(trial, rows(idx[sub]), order)
             ok = torch.isfinite(tv) & ((tv <= vi[sub] + 1e-4 * alpha[sub] * slope[sub])
                                        | ((tv <= vi[sub] + noise[sub]) & (tg.abs().amax(1) < gi[sub].abs().amax(1))))
             take = sub[ok]
             new_th[take], new_v[take], new_g[take] = trial[ok], tv[ok], tg[ok]
+            if th2 is not None:
+                new_h[take] = th2[ok]
             pending[take] = False
             if not bool(pending.any()):
                 break
             alpha = torch.where(pending, alpha / 2, alpha)
         moved = pd & ~pending
         theta[idx], val[idx], g[idx] = new_th, new_v, new_g
+        if hess is not None:
+            hess[idx] = new_h
         active[idx[~moved]] = False                                            # stuck: no further steps
     active[:] = False
     report()
@@ -267,7 +327,7 @@ class GaussianReplicateFit:
         with torch.no_grad():
             theta, ok = newton_all(lik, start, n_rep, tol=self.tol, newton_steps=min(20, self.max_iter),
                                    progress=progress)
-            est = lik.estimates(theta, torch.arange(n_rep, device=theta.device))
+            est = lik.estimates(theta)
         n_failed = 0
         for r in torch.nonzero(~ok).reshape(-1).tolist():
             with warnings.catch_warnings(record=True) as caught:

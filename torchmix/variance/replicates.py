@@ -33,6 +33,7 @@ Pure tensor math: no pandas.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -117,10 +118,10 @@ class ReplicateScheme:
     def n_replicates(self) -> int:
         return int(self.factors.shape[0])
 
-    @property
+    @functools.cached_property
     def df(self) -> int:
         r"""Degrees of freedom of the replicate variance: the rank of the centred replicate factors
-        (the R ``survey`` package's ``degf``), at least 1."""
+        (the R ``survey`` package's ``degf``), at least 1; computed once."""
         a = self.factors - self.factors.mean(0, keepdim=True)
         return max(int(torch.linalg.matrix_rank(a)), 1)
 
