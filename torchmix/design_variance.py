@@ -62,6 +62,14 @@ def _rows(data: pd.DataFrame, design, column: str) -> np.ndarray:
     return data.loc[design.row_index, column].to_numpy()
 
 
+def _frame_rows(data: pd.DataFrame, design, columns: list) -> pd.DataFrame:
+    """:func:`_rows` for several columns at once (one selection), as a frame with those columns."""
+    positions = getattr(design, "row_positions", None)
+    if positions is not None:
+        return data[columns].iloc[np.asarray(positions)]
+    return data.loc[design.row_index, columns]
+
+
 def _column(data: pd.DataFrame, name, what: str) -> str:
     if not isinstance(name, str):
         raise ConfigError(f"{what} must be a column name, got {name!r}")
@@ -177,8 +185,9 @@ def _ratio_factors(data, design, full: np.ndarray, columns: list, what: str) -> 
     g = design.levels[-1].labels.size
     denom = np.bincount(top, weights=full, minlength=g)
     out, uneven = np.empty((len(columns), g)), set()
+    block = _frame_rows(data, design, columns)     # every column's kept rows in one take
     for r, col in enumerate(columns):
-        rep = pd.to_numeric(pd.Series(_rows(data, design, col)), errors="coerce").to_numpy(dtype=float)
+        rep = pd.to_numeric(block[col], errors="coerce").to_numpy(dtype=float)
         if not np.isfinite(rep).all() or (rep < 0).any():
             raise DataError(f"replicate weight column {col!r} has missing, negative or non-numeric values in rows "
                             "used by the model")

@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..threads import fit_threads
 
 __all__ = ["REPLICATE_METHODS", "ReplicateScheme", "default_scale", "replicate_variance", "zone_factors"]
 
@@ -121,9 +122,11 @@ class ReplicateScheme:
     @functools.cached_property
     def df(self) -> int:
         r"""Degrees of freedom of the replicate variance: the rank of the centred replicate factors
-        (the R ``survey`` package's ``degf``), at least 1; computed once."""
+        (the R ``survey`` package's ``degf``), at least 1; computed once, on one thread (an SVD of
+        ``(R, G)``: threads only wait on each other at this size)."""
         a = self.factors - self.factors.mean(0, keepdim=True)
-        return max(int(torch.linalg.matrix_rank(a)), 1)
+        with fit_threads(1):
+            return max(int(torch.linalg.matrix_rank(a)), 1)
 
     def variance(self, estimates: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """:func:`replicate_variance` with this scheme's constants."""
