@@ -23,9 +23,10 @@ the closed form of :mod:`torchmix.likelihood.gaussian_grad` with replicate weigh
     c_{rg} = C_{or,g}\hat\xi_r,\; m_{rg} = A_{rg}^{-1}\Lambda_r^\top c_{rg}.
 
 Every replicate starts from the full-sample :math:`\theta` and takes damped Newton steps on
-:math:`-\ell_{p,r}/N_{w,r}` (Hessian from central differences of the exact gradient, per-replicate
-backtracking), the steps of :func:`~torchmix.fit.optimize.minimize` with ``newton_first=True``,
-taken by all replicates together. A replicate this does not bring to the gradient tolerance is
+:math:`-\ell_{p,r}/N_{w,r}` (exact Hessian for one random effect, see
+:meth:`ReplicateLikelihood._profile_scalar`, where every sum over groups is one matrix product;
+central differences of the exact gradient otherwise; per-replicate backtracking), the steps of
+:func:`~torchmix.fit.optimize.minimize` with ``newton_first=True``, taken by all replicates together. A replicate this does not bring to the gradient tolerance is
 refitted on its own (:func:`~torchmix.fit.replicates.gaussian_estimates`), so the estimates are
 those of one-by-one refits. Pure tensor math: no pandas.
 """
@@ -37,7 +38,7 @@ import warnings
 
 import torch
 
-from ..covariance import diagonal_theta_mask, lambda_from_theta, n_theta, tau_from_lambda, theta_index
+from ..covariance import diagonal_theta_mask, lambda_from_theta, tau_from_lambda, theta_index
 from ..errors import ConvergenceWarning
 from ..likelihood.gaussian import weighted_crossproducts
 from ..likelihood.modes import chol_solve
@@ -96,7 +97,8 @@ class ReplicateLikelihood:
         return self.weights[idx], self.n_w[idx], self.k_const[idx]
 
     def _profiled(self, k_flat, n_w, logdet_sum):
-        """beta ``(B, p)``, r^2, sigma^2 ``(B,)``, K ``(B, r, r)`` and the log-likelihood from K and the log-determinants."""
+        """beta ``(B, p)``, r^2, sigma^2 ``(B,)``, K ``(B, r, r)`` and the log-likelihood, from K and the
+        weighted sum of the log-determinants."""
         p, r = self.p, self.p + 1
         k_top = k_flat.reshape(-1, r, r)
         k_top = 0.5 * (k_top + k_top.transpose(1, 2))
@@ -185,7 +187,8 @@ class ReplicateLikelihood:
             return -ell / n_w, grad, None, beta, sigma2
         k2 = -(8.0 * x[2, :, :-1] - 6.0 * x[1, :, :-1]).reshape(b, r, r)
         u = k1_xi[:, :p]
-        ddr2 = ((k2 @ xi[:, :, None])[:, :, 0] * xi).sum(-1) - 2.0 * (u * torch.linalg.solve(k_top[:, :p, :p], u)).sum(-1)
+        ddr2 = (((k2 @ xi[:, :, None])[:, :, 0] * xi).sum(-1)
+                - 2.0 * (u * torch.linalg.solve(k_top[:, :p, :p], u)).sum(-1))
         ell2 = -(2.0 * x[1, :, -1] - x[0, :, -1]) - 0.5 * n_w * (ddr2 / r2 - (dr2 / r2) ** 2)
         return -ell / n_w, grad, (-ell2 / n_w)[:, None, None], beta, sigma2
 
@@ -195,8 +198,8 @@ class ReplicateLikelihood:
         return self.profile(theta, idx, order)[:3]
 
     def estimates(self, theta: torch.Tensor, idx=None) -> torch.Tensor:
-        r"""``(B, p + n_tau)``: :math:`\hat\beta`, then :math:`\tau = \operatorname{free}(\hat\sigma^2\Lambda\Lambda^\top)`
-        and :math:`\hat\sigma^2` last, with diagonal :math:`\theta` entries below 1e-6 set to zero."""
+        r"""``(B, p + n_tau)``: :math:`\hat\beta`, then
+        :math:`\tau = \operatorname{free}(\hat\sigma^2\Lambda\Lambda^\top)` and :math:`\hat\sigma^2` last, with diagonal :math:`\theta` entries below 1e-6 set to zero."""
         tiny = diagonal_theta_mask(self.term_sizes).to(theta.device) & (theta.abs() < BOUNDARY_TOL)
         theta = torch.where(tiny, torch.zeros_like(theta), theta)
         _, _, _, beta, sigma2 = self.profile(theta, idx, order=0)
@@ -224,7 +227,7 @@ def newton_all(lik: ReplicateLikelihood, theta0: torch.Tensor, n_rep: int, *, to
                newton_steps: int = 20, progress=None):
     r"""Damped Newton steps for every replicate together, from the common start ``theta0``.
 
-    The Hessian is exact for one random effect (:meth:`ReplicateLikelihood._scalar_derivatives`,
+    The Hessian is exact for one random effect (:meth:`ReplicateLikelihood._profile_scalar`,
     evaluated with the gradient), central differences of the exact gradient otherwise.
     A replicate stops when its largest gradient entry is below ``tol * 1e-4``, when its Hessian
     is not positive definite or when no step length in 30 halvings passes the test of
