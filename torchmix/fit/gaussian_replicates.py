@@ -26,9 +26,10 @@ Every replicate starts from the full-sample :math:`\theta` and takes damped Newt
 :math:`-\ell_{p,r}/N_{w,r}` (exact Hessian for one random effect, see
 :meth:`ReplicateLikelihood._profile_scalar`, where every sum over groups is one matrix product;
 central differences of the exact gradient otherwise; per-replicate backtracking), the steps of
-:func:`~torchmix.fit.optimize.minimize` with ``newton_first=True``, taken by all replicates together. A replicate this does not bring to the gradient tolerance is
-refitted on its own (:func:`~torchmix.fit.replicates.gaussian_estimates`), so the estimates are
-those of one-by-one refits. Pure tensor math: no pandas.
+:func:`~torchmix.fit.optimize.minimize` with ``newton_first=True``, taken by all replicates together.
+A replicate this does not bring to the gradient tolerance is refitted on its own
+(:func:`~torchmix.fit.replicates.gaussian_estimates`), so the estimates are those of one-by-one
+refits. Pure tensor math: no pandas.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class ReplicateLikelihood:
 
     def estimates(self, theta: torch.Tensor, idx=None) -> torch.Tensor:
         r"""``(B, p + n_tau)``: :math:`\hat\beta`, then
-        :math:`\tau = \operatorname{free}(\hat\sigma^2\Lambda\Lambda^\top)` and :math:`\hat\sigma^2` last, with diagonal :math:`\theta` entries below 1e-6 set to zero."""
+        :math:`\tau = \operatorname{free}(\hat\sigma^2\Lambda\Lambda^\top)` and :math:`\hat\sigma^2` last, with
+        diagonal :math:`\theta` entries below 1e-6 set to zero (as the full fit)."""
         tiny = diagonal_theta_mask(self.term_sizes).to(theta.device) & (theta.abs() < BOUNDARY_TOL)
         theta = torch.where(tiny, torch.zeros_like(theta), theta)
         _, _, _, beta, sigma2 = self.profile(theta, idx, order=0)
