@@ -52,6 +52,13 @@ __all__ = ["GaussianReplicateFit", "ReplicateLikelihood", "supported"]
 _HALVINGS = 30
 
 
+def _kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    r"""``(B, q^2, q^2)`` with entry :math:`((j,k),(a,c)) = L_{ja}R_{kc}`: for a row-major flattened
+    :math:`q\times q` matrix :math:`M`, ``M.flatten() @ _kron(L, R)`` is :math:`L^\top MR` flattened."""
+    b, q = left.shape[0], left.shape[1]
+    return (left[:, :, None, :, None] * right[:, None, :, None, :]).reshape(b, q * q, q * q)
+
+
 def supported(tensors: ModelTensors) -> bool:
     """Whether the batched path applies: one grouping level (a two-level model)."""
     return len(tensors.levels) == 1
@@ -128,23 +135,29 @@ class ReplicateLikelihood:
         b, g = w.shape
         q = self.q
         lam = lambda_from_theta(theta, self.term_sizes)                         # (B, q, q)
-        a = torch.einsum("bja,gjk,bkc->bgac", lam, self.c_oo, lam) + torch.eye(q, dtype=lam.dtype, device=lam.device)
+        eye = torch.eye(q, dtype=lam.dtype, device=lam.device)
+        c_flat = self.c_oo.reshape(g, q * q)
+        # per-group q x q products with Lambda_r as (G, q^2) @ (q^2, q^2) Kronecker factors
+        a = (c_flat @ _kron(lam, lam)).reshape(b, g, q, q) + eye                # Lambda' C Lambda + I
         chol = cholesky_lower(a.reshape(b * g, q, q))
         logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1).reshape(b, g)
-        eye = torch.eye(q, dtype=lam.dtype, device=lam.device).expand(b * g, q, q)
-        a_inv = chol_solve(chol, eye).reshape(b, g, q, q)
-        p_mat = torch.einsum("bij,bgjk,blk->bgil", lam, a_inv, lam)
-        k_flat = k_const - (w[:, :, None, None] * p_mat).reshape(b, g * q * q) @ self.outer
+        a_inv = chol_solve(chol, eye.expand(b * g, q, q)).reshape(b, g, q * q)
+        lam_t = lam.transpose(1, 2)
+        p_mat = a_inv @ _kron(lam_t, lam_t)                                     # Lambda A^{-1} Lambda'
+        k_flat = k_const - (w[:, :, None] * p_mat).reshape(b, g * q * q) @ self.outer
         beta, r2, sigma2, _, ell = self._profiled(k_flat, n_w, (w * logdet).sum(-1))
         if order == 0:
             return -ell / n_w, None, None, beta, sigma2
         xi = torch.cat([beta, -torch.ones_like(beta[:, :1])], dim=1)           # (B, r)
-        c = torch.einsum("gqs,bs->bgq", self.c_or, xi)                          # (B, G, q)
-        m = torch.einsum("bgij,bkj,bgk->bgi", a_inv, lam, c)                   # A^{-1} Lambda' c
-        c_lam = torch.einsum("gij,bjk->bgik", self.c_oo, lam)                   # (B, G, q, q)
-        resid = c - torch.einsum("bgij,bgj->bgi", c_lam, m)
-        grad_lam = (-torch.einsum("bg,bgij,bgjk->bik", w, c_lam, a_inv)
-                    + (n_w / r2)[:, None, None] * torch.einsum("bg,bgi,bgj->bij", w, resid, m))
+        c = (self.c_or.reshape(g * q, -1) @ xi.transpose(0, 1)).reshape(g, q, b).permute(2, 0, 1)  # (B, G, q)
+        a_inv = a_inv.reshape(b, g, q, q)
+        m = (a_inv * (c @ lam)[:, :, None, :]).sum(-1)                          # A^{-1} Lambda' c
+        c_lam = (c_flat @ _kron(eye.expand(b, q, q), lam)).reshape(b, g, q, q)   # C Lambda
+        resid = c - (c_lam * m[:, :, None, :]).sum(-1)
+        # sum_g W C Lambda A^{-1}: T[(i,j),(l,k)] = sum_g C_ij (W A^{-1})_lk, then contract j, l with Lambda
+        t = (c_flat.transpose(0, 1) @ (w[:, :, None] * a_inv.reshape(b, g, q * q))).reshape(b, q, q, q, q)
+        grad_lam = (-torch.einsum("bijlk,bjl->bik", t, lam)
+                    + (n_w / r2)[:, None, None] * ((w[:, :, None] * resid).transpose(1, 2) @ m))
         grad = grad_lam[:, self._free[0], self._free[1]]
         return -ell / n_w, -grad / n_w[:, None], None, beta, sigma2
 
