@@ -140,7 +140,8 @@ class ReplicateLikelihood:
         # per-group q x q products with Lambda_r as (G, q^2) @ (q^2, q^2) Kronecker factors
         a = (c_flat @ _kron(lam, lam)).reshape(b, g, q, q) + eye                # Lambda' C Lambda + I
         chol = cholesky_lower(a.reshape(b * g, q, q))
-        logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1).reshape(b, g)
+        diag = torch.diagonal(chol, dim1=-2, dim2=-1).contiguous()              # (log of a strided view is slow)
+        logdet = torch.log(diag).sum(-1).reshape(b, g)
         a_inv = chol_solve(chol, eye.expand(b * g, q, q)).reshape(b, g, q * q)
         lam_t = lam.transpose(1, 2)
         p_mat = a_inv @ _kron(lam_t, lam_t)                                     # Lambda A^{-1} Lambda'
