@@ -12,13 +12,16 @@ sandwich standard errors) of the same model. Goal: <= 20 for both.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 import warnings
 
 import numpy as np
 import pandas as pd
 
-import torchmix as tm
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's torchmix
+import torchmix as tm  # noqa: E402
 
 
 def simulate(n_groups: int, n_per: int, n_rep: int = 80, n_pv: int = 5, logit: bool = False, seed: int = 0):
