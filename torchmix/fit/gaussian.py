@@ -18,6 +18,8 @@ models use closed forms instead (:mod:`torchmix.likelihood.gaussian_grad`) for t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..covariance import (blank_zero_variances, diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
@@ -25,12 +27,14 @@ from ..covariance import (blank_zero_variances, diagonal_theta_mask, identity_th
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood import gaussian_grad as closed_form
+from ..likelihood import gaussian_profiled
 from ..likelihood.gaussian import GaussianLikelihood
 from ..progress import progress_bar
 from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .jacobians import hessian, jacobian
+from .newton import newton_minimize
 from .optimize import minimize
 from .standardize import Standardizer
 from .start_check import start_passes, warn_start_passes
@@ -165,10 +169,18 @@ def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, s
 
     theta0 = _start_theta(tensors, start, p)
     passes_at_start = start_passes(objective, theta0, tol)
+    state = None
     with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
         try:
-            res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
-                           newton_first=start is not None)
+            if gaussian_profiled.applies(lik):  # two levels: Newton with the exact Hessian first
+                res, state, stalled = _newton_fit(lik, theta0, max_iter, tol, bar)
+                if stalled and res.iterations < max_iter:  # hand over to L-BFGS from where Newton stopped
+                    more = minimize(objective, res.x, max_iter=max_iter - res.iterations, tol=tol, progress=bar)
+                    res = replace(more, iterations=more.iterations + res.iterations)
+                    state = None
+            else:
+                res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
+                               newton_first=start is not None)
         except IndexError as exc:  # torch's strong-Wolfe line search on a non-finite objective
             raise NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
                                  "a perfect fit or extreme values") from exc
@@ -180,7 +192,22 @@ def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, s
     if not res.converged and not passes_at_start:
         warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning)
 
-    return _finish(lik, res.x, res, small_sample)
+    return _finish(lik, res.x, res, small_sample, state=state)
+
+
+def _newton_fit(lik: GaussianLikelihood, theta0: torch.Tensor, max_iter: int, tol: float, bar):
+    r"""Newton's method on :math:`-\ell_p(\theta)/N_w` with the closed-form gradient and Hessian
+    (:mod:`~torchmix.likelihood.gaussian_profiled`); returns :func:`~torchmix.fit.newton.newton_minimize`'s
+    result, the evaluator and its state at the returned point, and whether it stalled."""
+    ev = gaussian_profiled.ProfiledTwoLevel(lik)
+    n_w = lik.n_w
+
+    def fgh(theta):
+        st = ev(theta)
+        return -st.value / n_w, -st.grad / n_w, -st.hess / n_w, st
+
+    res, st, stalled = newton_minimize(fgh, theta0, max_iter=max_iter, tol=tol, progress=bar)
+    return res, (ev, st), stalled
 
 
 def _standard_error_pieces(lik: GaussianLikelihood, beta, thetas, sigma, sizes):
@@ -204,20 +231,32 @@ def _standard_error_pieces(lik: GaussianLikelihood, beta, thetas, sigma, sizes):
     return psi, scores, k_bb, hess_vc
 
 
-def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample: str, pieces=None) -> FitOutput:
+def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample: str, pieces=None,
+            state=None) -> FitOutput:
     """Estimates, modes and sandwich covariances at the optimum ``theta_flat``.
 
     ``pieces`` (from :func:`_standard_error_pieces`, computed in a batch) is used when given and
-    no variance is on the boundary.
+    no variance is on the boundary. ``state`` (two levels: the evaluator of
+    :mod:`~torchmix.likelihood.gaussian_profiled` and its evaluation at ``theta_flat``) gives the
+    estimates, the modes and, off the boundary, the pieces without another pass.
     """
     tensors = lik.tensors
     p = tensors.n_fixed
     term_sizes = [lv.term_sizes for lv in tensors.levels]
     sizes = [n_theta(ts) for ts in term_sizes]
     thetas = [normalise_theta_signs(t, ts) for t, ts in zip(_split(theta_flat, sizes), term_sizes)]
-    with torch.no_grad():
-        ell, beta, sigma2, kt, ps = lik.profile(thetas)
-        us = lik.modes(thetas, beta, ps)
+    if state is not None:
+        ev, st = state
+        if not torch.equal(st.theta, thetas[0]):
+            st = ev(thetas[0])
+        ell, beta, sigma2, us = st.value, st.beta, st.sigma2, [-st.m.transpose(0, 1)]
+        if pieces is None:
+            psi = torch.cat([beta, thetas[0], sigma2.sqrt().reshape(1)])
+            pieces = (psi,) + ev.standard_error_pieces(st)
+    else:
+        with torch.no_grad():
+            ell, beta, sigma2, kt, ps = lik.profile(thetas)
+            us = lik.modes(thetas, beta, ps)
     sigma = sigma2.sqrt()
     bs = [u @ lambda_from_theta(t, ts).transpose(0, 1) for u, t, ts in zip(us, thetas, term_sizes)]
 
