@@ -33,6 +33,7 @@ from ..progress import progress_bar
 from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
+from .gaussian_start import moment_theta
 from .jacobians import hessian, jacobian
 from .newton import newton_minimize
 from .optimize import minimize
@@ -168,11 +169,15 @@ def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, s
             return -lik(_split(flat, sizes)) / n_w
 
     theta0 = _start_theta(tensors, start, p)
+    newton = gaussian_profiled.applies(lik)
+    if newton and start is None:  # two levels: moment estimates from the crossproducts
+        moment = moment_theta(lik)
+        theta0 = theta0 if moment is None else moment
     passes_at_start = start_passes(objective, theta0, tol)
     state = None
     with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
         try:
-            if gaussian_profiled.applies(lik):  # two levels: Newton with the exact Hessian first
+            if newton:  # two levels: Newton with the exact Hessian first
                 res, state, stalled = _newton_fit(lik, theta0, max_iter, tol, bar)
                 if stalled and res.iterations < max_iter:  # hand over to L-BFGS from where Newton stopped
                     more = minimize(objective, res.x, max_iter=max_iter - res.iterations, tol=tol, progress=bar)
@@ -206,7 +211,9 @@ def _newton_fit(lik: GaussianLikelihood, theta0: torch.Tensor, max_iter: int, to
         st = ev(theta)
         return -st.value / n_w, -st.grad / n_w, -st.hess / n_w, st
 
-    res, st, stalled = newton_minimize(fgh, theta0, max_iter=max_iter, tol=tol, progress=bar)
+    ts = lik.term_sizes[0]
+    res, st, stalled = newton_minimize(fgh, theta0, max_iter=max_iter, tol=tol, progress=bar,
+                                       canonical=lambda t: normalise_theta_signs(t, ts))
     return res, (ev, st), stalled
 
 

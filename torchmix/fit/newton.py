@@ -45,7 +45,7 @@ def _direction(g: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def newton_minimize(fgh: Callable, x0: torch.Tensor, *, max_iter: int = 200, tol: float = 1e-8,
-                    max_backtracks: int = 30, progress=None):
+                    max_backtracks: int = 30, progress=None, canonical: Callable | None = None):
     r"""Minimise ``f`` by damped Newton steps with the exact Hessian.
 
     Parameters
@@ -56,13 +56,16 @@ def newton_minimize(fgh: Callable, x0: torch.Tensor, *, max_iter: int = 200, tol
     max_iter : at most this many Newton steps.
     tol : gradient tolerance (see the module docstring).
     progress : optional tqdm bar, updated once per step.
+    canonical : optional map of a point to an equivalent one (same value of ``f``, e.g. signs of
+        columns of a Cholesky factor), applied to every point before it is evaluated.
 
     Returns
     -------
     (:class:`~torchmix.fit.optimize.MinimizeResult`, state at the returned point, whether the
     iterations stopped because no step decreased ``f`` any more while the gradient test failed).
     """
-    x = x0.detach().clone()
+    canon = canonical if canonical is not None else (lambda v: v)
+    x = canon(x0.detach().clone())
     val, g, h, state = fgh(x)
     steps, stalled = 0, False
     eps = torch.finfo(x.dtype).eps
@@ -78,7 +81,7 @@ def newton_minimize(fgh: Callable, x0: torch.Tensor, *, max_iter: int = 200, tol
         noise = 1024 * eps * (1 + abs(float(val)))
         alpha, accepted = 1.0, False
         for _ in range(max_backtracks):
-            cand = x + alpha * step
+            cand = canon(x + alpha * step)
             cval, cg, ch, cstate = fgh(cand)
             if bool(torch.isfinite(cval)) and (
                     float(cval) <= float(val) + 1e-4 * alpha * slope

@@ -63,6 +63,8 @@ def weighted_crossproducts(m, w: torch.Tensor, group: torch.Tensor, n_groups: in
     ref = blocks[0]
     counts = torch.bincount(group, minlength=n_groups)
     n_max = int(counts.max()) if n else 0
+    if n and n_groups * n_max <= 3 * n and bool((group[1:] >= group[:-1]).all()):
+        return _sorted_crossproducts(blocks, w, counts, n_groups, n_max, chunk_rows)
     if n and n_groups * n_max <= 3 * n:
         rows = torch.empty(n, d, dtype=ref.dtype, device=ref.device)
         sw = torch.sqrt(w)[:, None]
@@ -93,6 +95,49 @@ def weighted_crossproducts(m, w: torch.Tensor, group: torch.Tensor, n_groups: in
             outer = (mc * w[sl, None]).unsqueeze(2) * mc.unsqueeze(1)
             out.index_add_(0, group[sl], outer.reshape(-1, d * d))
         out = out.reshape(n_groups, d, d)
+    return 0.5 * (out + out.transpose(1, 2))
+
+
+def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_rows: int) -> torch.Tensor:
+    r""":func:`weighted_crossproducts` for rows sorted by group, in chunks of whole groups.
+
+    Each chunk's rows :math:`\sqrt{w_i}m_i` are written as columns of one reused ``(d, rows)`` buffer
+    (reading the blocks column by column, which is how column-major data lie) and the chunk's groups
+    are multiplied with one batched GEMM; groups shorter than ``n_max`` are zero-padded within their
+    chunk. No allocation grows with the number of rows, beyond :math:`\sqrt{w}`.
+    """
+    ref = blocks[0]
+    kw = dict(dtype=ref.dtype, device=ref.device)
+    d = sum(b.shape[1] for b in blocks)
+    per_chunk = max(1, chunk_rows // n_max)
+    equal = bool((counts == n_max).all())
+    sw = torch.sqrt(w)
+    out = torch.empty(n_groups, d, d, **kw)
+    buf = torch.empty(d, per_chunk * n_max, **kw)
+    if not equal:
+        ends = torch.cumsum(counts, 0)
+        bounds = [0] + ends[per_chunk - 1::per_chunk].tolist()
+        if bounds[-1] != int(ends[-1]):
+            bounds.append(int(ends[-1]))
+        padded = torch.zeros(d, per_chunk * n_max, **kw)
+    for k, g0 in enumerate(range(0, n_groups, per_chunk)):
+        g1 = min(g0 + per_chunk, n_groups)
+        r0, r1 = (g0 * n_max, g1 * n_max) if equal else (bounds[k], bounds[k + 1])
+        col = 0
+        for b in blocks:
+            torch.mul(b[r0:r1].transpose(0, 1), sw[r0:r1], out=buf[col:col + b.shape[1], :r1 - r0])
+            col += b.shape[1]
+        if equal:
+            rows = buf[:, :r1 - r0]
+        else:  # place each row at (its group in the chunk) * n_max + (its rank in the group)
+            cnt = counts[g0:g1]
+            first = torch.cumsum(cnt, 0) - cnt
+            grp = torch.repeat_interleave(torch.arange(g1 - g0, device=ref.device), cnt)
+            pos = grp * n_max + torch.arange(r1 - r0, device=ref.device) - first[grp]
+            rows = padded[:, :(g1 - g0) * n_max].zero_()
+            rows.index_copy_(1, pos, buf[:, :r1 - r0])
+        a = rows.reshape(d, g1 - g0, n_max).permute(1, 0, 2)
+        torch.bmm(a, a.transpose(1, 2), out=out[g0:g1])
     return 0.5 * (out + out.transpose(1, 2))
 
 
@@ -135,8 +180,10 @@ class GaussianLikelihood(nn.Module):
         m = [lv.Z for lv in tensors.levels] + [tensors.X, ys]
         cp = weighted_crossproducts(m, tensors.w1_cond, lv2.group, lv2.n_groups)
         top = tensors.levels[-1]
-        self.n_w_top = torch.zeros(top.n_groups, dtype=cp.dtype, device=cp.device).index_add(
-            0, tensors.row_top, tensors.w1_uncond)
+        # total weight of each top group, through the level-2 groups (no gather over the rows)
+        n_w2 = torch.zeros(lv2.n_groups, dtype=cp.dtype, device=cp.device).index_add(0, lv2.group, tensors.w1_uncond)
+        self.n_w_top = torch.zeros(top.n_groups, dtype=cp.dtype, device=cp.device).index_add(0, lv2.top, n_w2)
+        self.n_w2 = n_w2
         self.n_w = float(tensors.w1_uncond.sum())
         # level-2 blocks (own effects o, rest r) for every response, and the part of the next
         # level's matrix that does not depend on theta: sum over children of w_{g|h} CP_rr
@@ -144,12 +191,15 @@ class GaussianLikelihood(nn.Module):
         self.c_oo = cp[:, :q, :q].contiguous()
         c_or, c_rr = cp[:, :q, q:], cp[:, q:, q:]
         if lv2.parent is None:
-            const = torch.einsum("g,gab->ab", lv2.w_uncond, c_rr)
+            const = (lv2.w_uncond @ c_rr.reshape(c_rr.shape[0], -1)).reshape(c_rr.shape[1:])
         else:
             const = torch.zeros(tensors.levels[1].n_groups, *c_rr.shape[1:], dtype=cp.dtype, device=cp.device)
             const = const.index_add(0, lv2.parent, lv2.w_cond[:, None, None] * c_rr)
         self._all = (c_or, c_rr, const)
-        self.c_or, self.c_rr, self.rr_const = (t[0] for t in self.response_blocks([0]))
+        if self.n_responses == 1:  # the blocks of response 0 are the blocks themselves
+            self.c_or, self.c_rr, self.rr_const = c_or.contiguous(), c_rr.contiguous(), const
+        else:
+            self.c_or, self.c_rr, self.rr_const = (t[0] for t in self.response_blocks([0]))
 
     def response_blocks(self, ks: Sequence[int]) -> tuple:
         """The response-dependent blocks ``(c_or, c_rr, rr_const)`` for responses ``ks``, stacked.
