@@ -147,15 +147,42 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     -------
     :class:`~torchmix.tensors.FitOutput`
     """
-    std = Standardizer.from_tensors(tensors)
-    out = _fit_standardized(std.tensors(tensors), std.start(start, residual=True), max_iter, tol, small_sample,
-                            progress)
+    lik = None
+    if len(tensors.levels) == 1 and tensors.levels[0].q <= gaussian_profiled.MAX_Q:
+        # two levels: the column scales from the crossproducts, which are then rescaled (no extra pass)
+        raw = GaussianLikelihood(tensors)
+        std = _standardizer_from_crossproducts(raw)
+        std_tensors = std.tensors(tensors)
+        lik = raw.rescaled(std_tensors, torch.cat(std.sz + [std.sx]))
+    else:
+        std = Standardizer.from_tensors(tensors)
+        std_tensors = std.tensors(tensors)
+    out = _fit_standardized(std_tensors, std.start(start, residual=True), max_iter, tol, small_sample,
+                            progress, lik)
     return std.output(out, gaussian=True)
 
 
+def _standardizer_from_crossproducts(lik: GaussianLikelihood) -> Standardizer:
+    r"""The :class:`~torchmix.fit.standardize.Standardizer` of a two-level model from its crossproducts:
+    :math:`\sum_i w^{(1)}_i x_{ir}^2 = \sum_j w_j (C_j)_{rr}` (conditional weights inside :math:`C_j`, group
+    weights outside), so :math:`s_r` is the root of that over :math:`N_w` (1 for an all-zero column), as
+    :func:`~torchmix.fit.standardize.column_rms` computes it from the rows."""
+    w = lik.tensors.levels[0].w_uncond
+    p = lik.p
+
+    def rms(sums):
+        out = torch.sqrt(sums / lik.n_w)
+        return torch.where(out > 0, out, torch.ones_like(out))
+
+    sz = rms(w @ torch.diagonal(lik.c_oo, dim1=1, dim2=2))
+    sx = rms(torch.diagonal(lik.rr_const)[:p])
+    return Standardizer(sx=sx, sz=[sz], term_sizes=[tuple(lik.tensors.levels[0].term_sizes)])
+
+
 def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, small_sample: str,
-                      progress: bool) -> FitOutput:
-    lik = GaussianLikelihood(tensors)
+                      progress: bool, lik: GaussianLikelihood | None = None) -> FitOutput:
+    if lik is None:
+        lik = GaussianLikelihood(tensors)
     p = tensors.n_fixed
     term_sizes = [lv.term_sizes for lv in tensors.levels]
     sizes = [n_theta(ts) for ts in term_sizes]

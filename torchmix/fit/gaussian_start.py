@@ -70,7 +70,7 @@ def moment_theta(lik) -> torch.Tensor | None:
     cvec = (lik.c_or.reshape(-1, r) @ xi).reshape(n_groups, q)
     ss = (lik.c_rr.reshape(-1, r) @ xi).reshape(n_groups, r) @ xi
     inv, ok = _inverse(lik.c_oo)
-    counts = torch.bincount(lv.group, minlength=n_groups).to(w.dtype)
+    counts = lik.counts2.to(w.dtype)
     ok = ok & (counts > q) & (w > 0)
     b = (inv * cvec[:, None, :]).sum(-1)
     within = ss - (cvec * b).sum(-1)

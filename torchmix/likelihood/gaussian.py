@@ -58,13 +58,18 @@ def weighted_crossproducts(m, w: torch.Tensor, group: torch.Tensor, n_groups: in
     otherwise outer products are accumulated with ``index_add`` in chunks of ``chunk_rows`` rows
     (extra memory ``chunk_rows * d * d`` values).
     """
+    return _crossproducts_and_counts(m, w, group, n_groups, chunk_rows)[0]
+
+
+def _crossproducts_and_counts(m, w: torch.Tensor, group: torch.Tensor, n_groups: int, chunk_rows: int = _CHUNK_ROWS):
+    """:func:`weighted_crossproducts` and the number of rows of each group, int64 ``(n_groups,)``."""
     blocks = [m] if torch.is_tensor(m) else list(m)
     n, d = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
     ref = blocks[0]
     counts = torch.bincount(group, minlength=n_groups)
     n_max = int(counts.max()) if n else 0
     if n and n_groups * n_max <= 3 * n and bool((group[1:] >= group[:-1]).all()):
-        return _sorted_crossproducts(blocks, w, counts, n_groups, n_max, chunk_rows)
+        return _sorted_crossproducts(blocks, w, counts, n_groups, n_max, chunk_rows), counts
     if n and n_groups * n_max <= 3 * n:
         rows = torch.empty(n, d, dtype=ref.dtype, device=ref.device)
         sw = torch.sqrt(w)[:, None]
@@ -95,7 +100,7 @@ def weighted_crossproducts(m, w: torch.Tensor, group: torch.Tensor, n_groups: in
             outer = (mc * w[sl, None]).unsqueeze(2) * mc.unsqueeze(1)
             out.index_add_(0, group[sl], outer.reshape(-1, d * d))
         out = out.reshape(n_groups, d, d)
-    return 0.5 * (out + out.transpose(1, 2))
+    return 0.5 * (out + out.transpose(1, 2)), counts
 
 
 def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_rows: int) -> torch.Tensor:
@@ -178,7 +183,7 @@ class GaussianLikelihood(nn.Module):
             ys = ys - tensors.offset[:, None]
         self.n_responses = int(ys.shape[1])
         m = [lv.Z for lv in tensors.levels] + [tensors.X, ys]
-        cp = weighted_crossproducts(m, tensors.w1_cond, lv2.group, lv2.n_groups)
+        cp, self.counts2 = _crossproducts_and_counts(m, tensors.w1_cond, lv2.group, lv2.n_groups)
         top = tensors.levels[-1]
         # total weight of each top group, through the level-2 groups (no gather over the rows)
         n_w2 = torch.zeros(lv2.n_groups, dtype=cp.dtype, device=cp.device).index_add(0, lv2.group, tensors.w1_uncond)
@@ -200,6 +205,33 @@ class GaussianLikelihood(nn.Module):
             self.c_or, self.c_rr, self.rr_const = c_or.contiguous(), c_rr.contiguous(), const
         else:
             self.c_or, self.c_rr, self.rr_const = (t[0] for t in self.response_blocks([0]))
+
+    def rescaled(self, tensors: ModelTensors, scale: torch.Tensor) -> "GaussianLikelihood":
+        r"""The likelihood of ``tensors``, a model equal to this one but with the columns of
+        :math:`[Z^{(2)} | \dots | Z^{(L)} | X]` divided by ``scale``, from this one's crossproducts.
+
+        Every crossproduct entry of columns :math:`a, b` is divided by :math:`s_as_b` (responses keep
+        scale 1): no pass over the rows. ``tensors`` must hold those divided columns and the same
+        groups and weights (it is the model the new likelihood reports).
+        """
+        new = GaussianLikelihood.__new__(GaussianLikelihood)
+        nn.Module.__init__(new)
+        new.tensors, new.term_sizes, new.q, new.p = tensors, self.term_sizes, self.q, self.p
+        new.n_responses, new.n_w_top, new.n_w, new.n_w2 = self.n_responses, self.n_w_top, self.n_w, self.n_w2
+        new.counts2 = self.counts2
+        s = torch.cat([scale.to(self.c_oo), torch.ones(self.n_responses, dtype=self.c_oo.dtype,
+                                                        device=self.c_oo.device)])
+        q = self.c_oo.shape[-1]
+        so, sr = s[:q], s[q:]
+        c_or, c_rr, const = self._all
+        new.c_oo = self.c_oo / (so[:, None] * so[None, :])
+        new._all = (c_or / (so[:, None] * sr[None, :]), c_rr / (sr[:, None] * sr[None, :]),
+                    const / (sr[:, None] * sr[None, :]))
+        if new.n_responses == 1:
+            new.c_or, new.c_rr, new.rr_const = new._all
+        else:
+            new.c_or, new.c_rr, new.rr_const = (t[0] for t in new.response_blocks([0]))
+        return new
 
     def response_blocks(self, ks: Sequence[int]) -> tuple:
         """The response-dependent blocks ``(c_or, c_rr, rr_const)`` for responses ``ks``, stacked.

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..covariance import lambda_from_theta, theta_index
+from ..covariance import theta_index
 
 __all__ = ["MAX_Q", "ProfiledTwoLevel", "ProfiledState", "applies"]
 
@@ -161,8 +161,9 @@ class ProfiledTwoLevel:
 
     def __call__(self, theta: torch.Tensor, hessian: bool = True) -> ProfiledState:
         q, p, w, n_w = self.q, self.p, self.w, self.n_w
-        lam_t = lambda_from_theta(theta, self.term_sizes)
-        lam = lam_t.tolist()
+        lam = [[0.0] * q for _ in range(q)]
+        for val, a, b in zip(theta.tolist(), self.rows, self.cols):
+            lam[a][b] = val
         c, rq = self.c, range(self.q)
         # C Lambda and A = Lambda' C Lambda + I, entrywise
         cl = [[_lin([(c[a][j], lam[j][b]) for j in rq]) for b in rq] for a in rq]
@@ -172,13 +173,15 @@ class ProfiledTwoLevel:
                 s = _lin([(cl[j][b], lam[j][a]) for j in rq])
                 a_mat[a][b] = a_mat[b][a] = s + 1.0 if a == b else s
         pm, logdet = _inverse_logdet(a_mat)
-        y = (lam_t.transpose(0, 1) @ self.r_blk.reshape(q, -1)).reshape(self.r_blk.shape)   # Lambda' R, (q, r, G)
+        y = torch.stack([_lin([(self.r_blk[j], lam[j][a]) for j in rq]) for a in rq])       # Lambda' R, (q, r, G)
         wp = [[w * pm[a][b] for b in rq] for a in rq]
         z = torch.stack([_lin_v([(y[a], wp[a][b]) for a in rq]) for b in rq])                # (q, r, G)
         k = self.dbar - torch.bmm(z, y.transpose(1, 2)).sum(0)
         k = 0.5 * (k + k.transpose(0, 1))
         kbb, kby, kyy = k[:p, :p], k[:p, p], k[p, p]
-        kbb_chol = torch.linalg.cholesky(kbb)
+        kbb_chol, info = torch.linalg.cholesky_ex(kbb)
+        if int(info) != 0:  # not positive definite: a non-finite value (the caller's fallback decides)
+            kbb_chol = torch.full_like(kbb, float("nan"))
         beta = torch.cholesky_solve(kby[:, None], kbb_chol)[:, 0]
         r2 = kyy - kby @ beta
         value = -0.5 * (w @ logdet) - 0.5 * n_w * (1.0 + torch.log(2 * math.pi * r2 / n_w))
@@ -201,22 +204,37 @@ class ProfiledTwoLevel:
             for a in rq:
                 for b in range(a, q):
                     hm[a][b] = hm[b][a] = c[a][b] - _lin_v([(mm[a][j], cl[b][j]) for j in rq])
+            wh = [[w * v for v in row] for row in hm]
+            wmm = [[w * v for v in row] for row in mm]
+            wrr = [[wr[a] * rho[b] for b in rq] for a in rq]
+            wmb = [[wm[a] * m[b] for b in rq] for a in rq]
+            wrm = [[wr[a] * m[b] for b in rq] for a in rq]
             n = len(ia)
-            f_ts = [[None] * n for _ in range(n)]
-            s_ts = [[None] * n for _ in range(n)]
-            for t in range(n):
-                at, bt = ia[t], ib[t]
-                for s in range(t, n):
-                    as_, bs = ia[s], ib[s]
-                    f_ts[t][s] = f_ts[s][t] = (w * hm[at][as_]) @ pm[bs][bt] - (w * mm[at][bs]) @ mm[as_][bt]
-                    inner = ((wr[at] * rho[as_]) @ pm[bt][bs] - (wm[bs] * m[bt]) @ hm[as_][at]
-                             - (wr[as_] * m[bt]) @ mm[at][bs] - (wr[at] * m[bs]) @ mm[as_][bt])
-                    s_ts[t][s] = s_ts[s][t] = -2.0 * inner
-            f_ts = torch.stack([torch.stack(row) for row in f_ts])
-            s_ts = torch.stack([torch.stack(row) for row in s_ts])
-            py = [_lin_v([(y[j][:p], pm[b][j]) for j in rq]) for b in rq]                    # P Lambda' R, beta rows
-            er = [self.r_blk[a][:p] - _lin_v([(py[j], cl[a][j]) for j in rq]) for a in rq]   # (R - C G R), beta rows
-            s_tb = -2.0 * torch.stack([er[a] @ wm[b] + py[b] @ wr[a] for a, b in zip(ia, ib)])   # (n_theta, p)
+            pairs = [(t, s) for t in range(n) for s in range(t, n)]
+            d = [[] for _ in range(6)]
+            for t, s in pairs:
+                at, bt, as_, bs = ia[t], ib[t], ia[s], ib[s]
+                d[0].append(wh[at][as_] @ pm[bs][bt])
+                d[1].append(wmm[at][bs] @ mm[as_][bt])
+                d[2].append(wrr[at][as_] @ pm[bt][bs])
+                d[3].append(wmb[bs][bt] @ hm[as_][at])
+                d[4].append(wrm[as_][bt] @ mm[at][bs])
+                d[5].append(wrm[at][bs] @ mm[as_][bt])
+            d = [torch.stack(v) for v in d]
+            f_pairs = d[0] - d[1]
+            s_pairs = -2.0 * (d[2] - d[3] - d[4] - d[5])
+            t_idx = torch.tensor([t for t, _ in pairs], device=w.device)
+            s_idx = torch.tensor([s for _, s in pairs], device=w.device)
+            f_ts = torch.zeros(n, n, dtype=w.dtype, device=w.device).index_put((t_idx, s_idx), f_pairs)
+            f_ts = f_ts.index_put((s_idx, t_idx), f_pairs)
+            s_ts = torch.zeros(n, n, dtype=w.dtype, device=w.device).index_put((t_idx, s_idx), s_pairs)
+            s_ts = s_ts.index_put((s_idx, t_idx), s_pairs)
+            # S_{t beta} = -2 [R_{a_t} (w m_{b_t}) + sum_j Y_j (P_{b_t j} w rho_{a_t} - M_{a_t j} w m_{b_t})], beta rows
+            s_tb = torch.stack([self.r_blk[a][:p] @ wm[b] for a, b in zip(ia, ib)])
+            for j in rq:
+                u = torch.stack([pm[b][j] * wr[a] - mm[a][j] * wm[b] for a, b in zip(ia, ib)])   # (n_theta, G)
+                s_tb = s_tb + u @ y[j][:p].transpose(0, 1)
+            s_tb = -2.0 * s_tb                                                               # (n_theta, p)
             sol = torch.cholesky_solve(s_tb.transpose(0, 1), kbb_chol)
             r2_tt = s_ts - 0.5 * s_tb @ sol
             hess = -f_ts - 0.5 * n_w * (r2_tt / r2 - torch.outer(s_t, s_t) / (r2 * r2))
