@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from ..covariance import (blank_zero_variances, diagonal_theta_mask, identity_theta, lambda_from_theta, n_theta,
-                          normalise_theta_signs, tau_from_lambda, theta_from_tau)
+                          normalise_theta_signs, tau_from_lambda, tau_index, theta_from_tau, theta_index)
 from ..errors import BoundaryWarning, ConvergenceWarning, DataError, NumericalError
 from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood import gaussian_grad as closed_form
@@ -102,7 +102,7 @@ def _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, 
             return torch.cat([tau_l, s2.reshape(1)]) if l == 0 else tau_l
 
         sub = psi[idx]
-        d = jacobian(tau_fn, sub).detach()
+        d = _tau_jacobian(thetas[l], ts, free, sub[-1], residual=l == 0)
         taus.append(tau_fn(sub).detach())
         covs.append(d @ v_psi @ d.transpose(0, 1))
         offset += k
@@ -121,6 +121,28 @@ def _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, 
         tau[pos] = t
         tau_cov[pos[:, None], pos[None, :]] = c
     return tau, blank_zero_variances(tau, tau_cov, term_sizes)
+
+
+def _tau_jacobian(theta, term_sizes, free, sigma, residual: bool) -> torch.Tensor:
+    r"""Jacobian of :math:`\tau_l = \operatorname{free}(\sigma^2\Lambda\Lambda^\top)` (then :math:`\sigma^2` when
+    ``residual``) over :math:`(\theta_{\text{free}}, \sigma)`, in closed form: for the entry :math:`(a, b)` of
+    :math:`\Lambda`, :math:`\partial(\Lambda\Lambda^\top)_{rc} = \delta_{ra}\Lambda_{cb} + \Lambda_{rb}\delta_{ca}`;
+    :math:`\partial_\sigma\tau = 2\sigma\operatorname{free}(\Lambda\Lambda^\top)`, :math:`\partial_\sigma\sigma^2 = 2\sigma`.
+    Shape ``(n_tau_l [+ 1], n_free + 1)``."""
+    lam = lambda_from_theta(theta.detach(), term_sizes).tolist()
+    q = len(lam)
+    s = float(sigma)
+    rows, cols = tau_index(term_sizes)
+    t_rows, t_cols = (v.tolist() for v in theta_index(term_sizes))
+    sig = [[sum(lam[r][k] * lam[c][k] for k in range(q)) for c in range(q)] for r in range(q)]
+    out = []
+    for r, c in zip(rows, cols):
+        row = [s * s * ((lam[c][t_cols[t]] if r == t_rows[t] else 0.0) + (lam[r][t_cols[t]] if c == t_rows[t] else 0.0))
+               for t in free.tolist()]
+        out.append(row + [2.0 * s * sig[r][c]])
+    if residual:
+        out.append([0.0] * len(free) + [2.0 * s])
+    return torch.tensor(out, dtype=theta.dtype).to(theta.device)
 
 
 def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol: float = 1e-8,

@@ -9,6 +9,12 @@ backtracking line search. Standard-error pieces (per-top-group scores, Hessian b
 computed in one vmapped call. A response that does not converge this way, or lands on the
 boundary, is refitted on its own with :func:`~torchmix.fit.gaussian.fit_gaussian`, so the result
 always equals fitting each value separately.
+
+Two-level models (at most :data:`~torchmix.likelihood.gaussian_profiled.MAX_Q` effects) take the
+other responses one after another instead, each by Newton's method with the exact Hessian of
+:mod:`~torchmix.likelihood.gaussian_profiled` from the first solution (a few evaluations of a few
+dozen vector operations over the groups each), with the estimates and standard-error pieces from
+the last evaluation.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from torch.func import grad_and_value, vmap
 
 from ..covariance import n_theta, normalise_theta_signs
 from ..likelihood import gaussian_grad as closed_form
+from ..likelihood import gaussian_profiled
 from ..likelihood.gaussian import GaussianLikelihood
 from ..tensors import FitOutput, ModelTensors
 from .gaussian import BOUNDARY_TOL, _finish, _split, _standard_error_pieces, fit_gaussian
+from .newton import newton_minimize
 from .optimize import MinimizeResult
 
 __all__ = ["fit_gaussian_many"]
@@ -59,6 +67,12 @@ def fit_gaussian_many(tensors: ModelTensors, responses: torch.Tensor, *, max_ite
     lik = GaussianLikelihood(tensors, responses)
     blocks = lik.response_blocks(range(1, k_all))
     n_w = lik.n_w
+    if len(tensors.levels) == 1 and tensors.levels[0].q <= gaussian_profiled.MAX_Q:
+        out = [first]
+        for j in range(k_all - 1):
+            fit = _newton_one(lik, tuple(b[j] for b in blocks), theta0, max_iter, tol, small_sample)
+            out.append(fit if fit is not None else fit_alone(j + 1))
+        return out
 
     def objective(theta_flat, c_or, c_rr, rr_const):
         with lik.using(c_or, c_rr, rr_const):
@@ -149,3 +163,26 @@ def fit_gaussian_many(tensors: ModelTensors, responses: torch.Tensor, *, max_ite
         fit.extra["batched"] = True
         out.append(fit)
     return out
+
+
+def _newton_one(lik: GaussianLikelihood, block: tuple, theta0: torch.Tensor, max_iter: int, tol: float,
+                small_sample: str):
+    """Two levels: one more response (its blocks ``block``) by Newton's method with the exact Hessian
+    (:mod:`~torchmix.likelihood.gaussian_profiled`) from ``theta0``; None when it does not converge
+    off the boundary (the caller then fits it on its own)."""
+    ts = lik.term_sizes[0]
+    with lik.using(*block):
+        ev = gaussian_profiled.ProfiledTwoLevel(lik)
+        n_w = lik.n_w
+
+        def fgh(theta):
+            st = ev(theta)
+            return -st.value / n_w, -st.grad / n_w, -st.hess / n_w, st
+
+        res, st, _ = newton_minimize(fgh, theta0, max_iter=max_iter, tol=tol,
+                                     canonical=lambda t: normalise_theta_signs(t, ts))
+        if not res.converged or bool((res.x.abs() < BOUNDARY_TOL).any()):
+            return None
+        fit = _finish(lik, res.x, res, small_sample, state=(ev, st))
+    fit.extra["batched"] = True
+    return fit

@@ -68,8 +68,9 @@ def _crossproducts_and_counts(m, w: torch.Tensor, group: torch.Tensor, n_groups:
     ref = blocks[0]
     counts = torch.bincount(group, minlength=n_groups)
     n_max = int(counts.max()) if n else 0
-    if n and n_groups * n_max <= 3 * n and bool((group[1:] >= group[:-1]).all()):
-        return _sorted_crossproducts(blocks, w, counts, n_groups, n_max, chunk_rows), counts
+    if n and n_groups * n_max <= 3 * n:
+        order = None if bool((group[1:] >= group[:-1]).all()) else torch.sort(group, stable=True)[1]
+        return _sorted_crossproducts(blocks, w, counts, n_groups, n_max, chunk_rows, order), counts
     if n and n_groups * n_max <= 3 * n:
         rows = torch.empty(n, d, dtype=ref.dtype, device=ref.device)
         sw = torch.sqrt(w)[:, None]
@@ -103,20 +104,22 @@ def _crossproducts_and_counts(m, w: torch.Tensor, group: torch.Tensor, n_groups:
     return 0.5 * (out + out.transpose(1, 2)), counts
 
 
-def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_rows: int) -> torch.Tensor:
-    r""":func:`weighted_crossproducts` for rows sorted by group, in chunks of whole groups.
+def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_rows: int,
+                          order: torch.Tensor | None = None) -> torch.Tensor:
+    r""":func:`weighted_crossproducts` in chunks of whole groups, for rows sorted by group or taken in
+    the order ``order`` (a stable sort of the rows by group).
 
     Each chunk's rows :math:`\sqrt{w_i}m_i` are written as columns of one reused ``(d, rows)`` buffer
     (reading the blocks column by column, which is how column-major data lie) and the chunk's groups
     are multiplied with one batched GEMM; groups shorter than ``n_max`` are zero-padded within their
-    chunk. No allocation grows with the number of rows, beyond :math:`\sqrt{w}`.
+    chunk. No allocation grows with the number of rows, beyond :math:`\sqrt{w}` (and ``order``).
     """
     ref = blocks[0]
     kw = dict(dtype=ref.dtype, device=ref.device)
     d = sum(b.shape[1] for b in blocks)
     per_chunk = max(1, chunk_rows // n_max)
     equal = bool((counts == n_max).all())
-    sw = torch.sqrt(w)
+    sw = torch.sqrt(w if order is None else w[order])
     out = torch.empty(n_groups, d, d, **kw)
     buf = torch.empty(d, per_chunk * n_max, **kw)
     if not equal:
@@ -130,7 +133,8 @@ def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_ro
         r0, r1 = (g0 * n_max, g1 * n_max) if equal else (bounds[k], bounds[k + 1])
         col = 0
         for b in blocks:
-            torch.mul(b[r0:r1].transpose(0, 1), sw[r0:r1], out=buf[col:col + b.shape[1], :r1 - r0])
+            part = b[r0:r1] if order is None else b.index_select(0, order[r0:r1])
+            torch.mul(part.transpose(0, 1), sw[r0:r1], out=buf[col:col + b.shape[1], :r1 - r0])
             col += b.shape[1]
         if equal:
             rows = buf[:, :r1 - r0]
