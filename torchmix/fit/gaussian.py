@@ -32,6 +32,7 @@ from ..likelihood.gaussian import GaussianLikelihood
 from ..progress import progress_bar
 from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
+from ..threads import choose_threads, fit_threads, problem_work
 from ..warn import warn
 from .gaussian_start import moment_theta
 from .jacobians import hessian, jacobian
@@ -179,8 +180,13 @@ def fit_gaussian(tensors: ModelTensors, *, start=None, max_iter: int = 200, tol:
     else:
         std = Standardizer.from_tensors(tensors)
         std_tensors = std.tensors(tensors)
-    out = _fit_standardized(std_tensors, std.start(start, residual=True), max_iter, tol, small_sample,
-                            progress, lik)
+    # after the crossproducts a two-level fit is small per-group work: threads chosen for its size
+    # (:mod:`~torchmix.threads`; inside a fit that already chose, e.g. ``mix``, this changes nothing)
+    n_threads = None if lik is None else choose_threads(
+        problem_work(tensors.levels[0].n_groups, tensors.n_fixed, tensors.levels[0].q))
+    with fit_threads(n_threads):
+        out = _fit_standardized(std_tensors, std.start(start, residual=True), max_iter, tol, small_sample,
+                                progress, lik)
     return std.output(out, gaussian=True)
 
 
