@@ -117,7 +117,7 @@ def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_ro
     ref = blocks[0]
     kw = dict(dtype=ref.dtype, device=ref.device)
     d = sum(b.shape[1] for b in blocks)
-    per_chunk = max(1, chunk_rows // n_max)
+    per_chunk = max(1, min(chunk_rows, (8 * chunk_rows) // d) // n_max)   # at most 8 * chunk_rows buffer values
     equal = bool((counts == n_max).all())
     sw = torch.sqrt(w if order is None else w[order])
     out = torch.empty(n_groups, d, d, **kw)
@@ -128,13 +128,18 @@ def _sorted_crossproducts(blocks, w, counts, n_groups: int, n_max: int, chunk_ro
         if bounds[-1] != int(ends[-1]):
             bounds.append(int(ends[-1]))
         padded = torch.zeros(d, per_chunk * n_max, **kw)
-    for k, g0 in enumerate(range(0, n_groups, per_chunk)):
+    for c, g0 in enumerate(range(0, n_groups, per_chunk)):
         g1 = min(g0 + per_chunk, n_groups)
-        r0, r1 = (g0 * n_max, g1 * n_max) if equal else (bounds[k], bounds[k + 1])
+        r0, r1 = (g0 * n_max, g1 * n_max) if equal else (bounds[c], bounds[c + 1])
         col = 0
         for b in blocks:
-            part = b[r0:r1] if order is None else b.index_select(0, order[r0:r1])
-            torch.mul(part.transpose(0, 1), sw[r0:r1], out=buf[col:col + b.shape[1], :r1 - r0])
+            if order is None:
+                part = b[r0:r1].transpose(0, 1)
+            elif b.stride(0) == 1:  # column-major: gather within each column
+                part = b.transpose(0, 1).index_select(1, order[r0:r1])
+            else:
+                part = b.index_select(0, order[r0:r1]).transpose(0, 1)
+            torch.mul(part, sw[r0:r1], out=buf[col:col + b.shape[1], :r1 - r0])
             col += b.shape[1]
         if equal:
             rows = buf[:, :r1 - r0]
