@@ -2,7 +2,10 @@ r"""Fit a weighted gaussian mixed model: profiled ML over :math:`\theta`, then s
 
 MATH.md 4, 6.1-6.3, 6.5, 7.1-7.3. The profiled log-likelihood :math:`\ell_p(\theta)` is minimised
 (negated, divided by :math:`N_w`) by L-BFGS with Newton polish; :math:`\hat\beta, \hat\sigma^2` follow
-in closed form. Standard errors:
+in closed form. Two-level models (at most :data:`~torchmix.likelihood.gaussian_profiled.MAX_Q` effects)
+instead start from moment estimates (:mod:`~torchmix.fit.gaussian_start`) and take Newton steps with
+the exact Hessian (:mod:`~torchmix.likelihood.gaussian_profiled`, :mod:`~torchmix.fit.newton`), L-BFGS
+taking over only if Newton stalls; their column scales come from the crossproducts. Standard errors:
 
 * fixed effects: :math:`V_\beta = \mathcal H_{\beta\beta}^{-1} J_{\beta\beta}\mathcal H_{\beta\beta}^{-1}`
   with :math:`\mathcal H_{\beta\beta} = -K_{\beta\beta}/\hat\sigma^2`;
@@ -12,8 +15,9 @@ in closed form. Standard errors:
 
 Scores are per top-level group, the Jacobian of the vector :math:`(\ell_k)_k` of (4.3); Jacobians
 and Hessians by reverse-mode autodiff (:mod:`~torchmix.fit.jacobians`, safe in threads). Two-level
-models use closed forms instead (:mod:`torchmix.likelihood.gaussian_grad`) for the gradient of
-:math:`\ell_p`, the scores and the :math:`(\theta,\sigma)` Hessian.
+models use closed forms instead (:mod:`torchmix.likelihood.gaussian_grad`,
+:mod:`torchmix.likelihood.gaussian_profiled`) for the gradient of :math:`\ell_p`, the scores and the
+:math:`(\theta,\sigma)` Hessian; the delta method's Jacobian is in closed form for every model.
 """
 
 from __future__ import annotations
@@ -128,7 +132,8 @@ def _tau_jacobian(theta, term_sizes, free, sigma, residual: bool) -> torch.Tenso
     r"""Jacobian of :math:`\tau_l = \operatorname{free}(\sigma^2\Lambda\Lambda^\top)` (then :math:`\sigma^2` when
     ``residual``) over :math:`(\theta_{\text{free}}, \sigma)`, in closed form: for the entry :math:`(a, b)` of
     :math:`\Lambda`, :math:`\partial(\Lambda\Lambda^\top)_{rc} = \delta_{ra}\Lambda_{cb} + \Lambda_{rb}\delta_{ca}`;
-    :math:`\partial_\sigma\tau = 2\sigma\operatorname{free}(\Lambda\Lambda^\top)`, :math:`\partial_\sigma\sigma^2 = 2\sigma`.
+    :math:`\partial_\sigma\tau = 2\sigma\operatorname{free}(\Lambda\Lambda^\top)`,
+    :math:`\partial_\sigma\sigma^2 = 2\sigma`.
     Shape ``(n_tau_l [+ 1], n_free + 1)``."""
     lam = lambda_from_theta(theta.detach(), term_sizes).tolist()
     q = len(lam)
@@ -230,7 +235,8 @@ def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, s
         theta0 = theta0 if moment is None else moment
     passes_at_start = start_passes(objective, theta0, tol)
     state = None
-    with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
+    desc = "fit (Newton steps)" if newton else "fit (L-BFGS rounds)"
+    with progress_bar(desc=desc, unit="step" if newton else "round", disable=not progress) as bar:
         try:
             if newton:  # two levels: Newton with the exact Hessian first
                 res, state, stalled = _newton_fit(lik, theta0, max_iter, tol, bar)

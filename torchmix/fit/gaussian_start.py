@@ -56,7 +56,8 @@ def _inverse(c: torch.Tensor):
 
 
 def moment_theta(lik) -> torch.Tensor | None:
-    r"""Moment start :math:`\theta_0` ``(n_theta,)`` for a two-level :class:`~torchmix.likelihood.gaussian.GaussianLikelihood`."""
+    r"""Moment start :math:`\theta_0` ``(n_theta,)`` for a two-level
+    :class:`~torchmix.likelihood.gaussian.GaussianLikelihood` (None when unusable)."""
     lv = lik.tensors.levels[0]
     q, p = lv.q, lik.p
     w = lv.w_uncond

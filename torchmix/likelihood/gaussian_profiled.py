@@ -244,13 +244,15 @@ class ProfiledTwoLevel:
                              s_theta=s_t, f_tt=f_ts, s_tt=s_ts)
 
     def standard_error_pieces(self, st: ProfiledState):
-        r"""Per-group scores ``(G, p + n_theta + 1)`` over :math:`\psi = (\beta, \theta, \sigma)`, :math:`K_{\beta\beta}`
+        r"""Per-group scores ``(G, p + n_theta + 1)`` over :math:`\psi = (\beta, \theta, \sigma)`,
+        :math:`K_{\beta\beta}`
         ``(p, p)`` and the :math:`(\theta, \sigma)` Hessian of :math:`\ell(\beta, \theta, \sigma)` at
         :math:`(\hat\beta(\theta), \theta, \hat\sigma(\theta))` from an evaluation made with ``hessian=True``:
         the same numbers as :func:`~torchmix.likelihood.gaussian_grad.standard_error_pieces` there.
 
         With :math:`S_j\xi = D_j\xi - Y_j^\top m_j` (:math:`Y_j = \Lambda^\top R_j`): :math:`\partial_\beta\ell_j =
-        -\tfrac{w_j}{\sigma^2}(S_j\xi)_{1:p}`, :math:`\partial_\sigma\ell_j = -N_{w,j}/\sigma + w_j\xi^\top S_j\xi/\sigma^3`,
+        -\tfrac{w_j}{\sigma^2}(S_j\xi)_{1:p}`,
+        :math:`\partial_\sigma\ell_j = -N_{w,j}/\sigma + w_j\xi^\top S_j\xi/\sigma^3`,
         :math:`\partial_{\Lambda_{ab}}\ell_j = w_j(-M_{ab} + \rho_am_b/\sigma^2)`; the Hessian blocks are
         :math:`-f_{\theta\theta} - S_{\theta\theta}/(2\sigma^2)`, :math:`S_\theta/\sigma^3` and
         :math:`N_w/\sigma^2 - 3r^2/\sigma^4`.
