@@ -10,7 +10,9 @@ noise together with a smaller gradient, as in :mod:`~torchmix.fit.optimize`) acc
 Convergence: :math:`\max_r|g_r| <` ``tol`` is the test of a converged fit (the same test as
 :func:`~torchmix.fit.optimize.minimize`); the iterations go on until
 :math:`\max_r|g_r| < 10^{-4}` ``tol`` or a step no longer decreases :math:`f`, which takes the
-optimum to machine precision (Newton converges quadratically near it). The normalised objective
+optimum to machine precision (Newton converges quadratically near it), or until
+:data:`MAX_FLAT_STEPS` steps in a row decrease :math:`f` by no more than its rounding noise (the
+precision of the arithmetic is exhausted: a stall). The normalised objective
 of a fit on standardised columns does not depend on the units of the response, the predictors or
 the weights, and neither does this test.
 """
@@ -26,6 +28,8 @@ from .optimize import MinimizeResult
 __all__ = ["newton_minimize"]
 
 TRUST_RADIUS = 1.0
+#: consecutive steps accepted without a decrease beyond rounding noise after which Newton stops
+MAX_FLAT_STEPS = 3
 
 
 def _direction(g: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -67,7 +71,7 @@ def newton_minimize(fgh: Callable, x0: torch.Tensor, *, max_iter: int = 200, tol
     canon = canonical if canonical is not None else (lambda v: v)
     x = canon(x0.detach().clone())
     val, g, h, state = fgh(x)
-    steps, stalled = 0, False
+    steps, stalled, flat = 0, False, 0
     eps = torch.finfo(x.dtype).eps
     while True:
         gmax = float(g.abs().max())
@@ -92,8 +96,12 @@ def newton_minimize(fgh: Callable, x0: torch.Tensor, *, max_iter: int = 200, tol
         if not accepted:
             stalled = True
             break
+        flat = flat + 1 if float(cval) > float(val) - noise else 0   # accepted within rounding noise only
         x, val, g, h, state = cand, cval, cg, ch, cstate
         steps += 1
+        if flat >= MAX_FLAT_STEPS:  # the objective no longer decreases: the precision is exhausted
+            stalled = True
+            break
         if progress is not None:
             progress.update(1)
     grad_max = float(g.abs().max())
