@@ -155,3 +155,12 @@ def test_fallback_to_lbfgs_when_newton_stalls(monkeypatch):
     assert out.converged
     np.testing.assert_allclose(out.beta.numpy(), ref.beta.numpy(), rtol=1e-7)
     np.testing.assert_allclose(out.tau.numpy(), ref.tau.numpy(), rtol=1e-6)
+
+
+def test_single_precision_stops_when_the_precision_is_exhausted():
+    # tol=1e-8 is out of float32's reach: the fit ends with a warning instead of using up max_iter
+    sleep = tm.load_dataset("sleepstudy")
+    with pytest.warns(tm.ConvergenceWarning, match="gradient test failed"):
+        res = tm.mix("Reaction ~ Days + (1 + Days | Subject)", sleep, dtype="float32", progress=False)
+    assert not res.converged and res.iterations < 100
+    np.testing.assert_allclose(res.lnl, -875.9697, rtol=1e-5)
