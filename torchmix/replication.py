@@ -19,6 +19,7 @@ import torch
 from .errors import ConvergenceWarning
 from .distributed.tasks import spread_replicates
 from .fit.gaussian_replicates import GaussianReplicateFit
+from .fit.glmm_replicates import GLMMReplicateFit
 from .fit.replicates import estimate_vector, make_progress
 from .warn import warn
 
@@ -50,6 +51,7 @@ def _replicate_cov(res, dv, fit: Callable, bar):
         start = torch.cat([t.reshape(-1) for t in out.theta])
     else:
         start = full
+        fit = GLMMReplicateFit(fit, res.family, out, n_quad=res.options["n_quad"], tol=res.options["tol"])  # batched
     est, n_failed = spread_replicates(res.design.tensors, dv.scheme.factors, fit, start, progress=bar)
     if n_failed:
         warn(f"{n_failed} of {dv.scheme.n_replicates} replicate fits did not converge; their estimates "

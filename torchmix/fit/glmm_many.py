@@ -150,7 +150,7 @@ class _Stacked:
             store[sel] = g.reshape((int(rows.sum()), n) + tuple(store.shape[2:]))[take]
 
     def top_scores(self):
-        """Per-value beta scores ``(K', G_L, p)`` and Lambda scores (per level ``(K', G_L, q, q)``)
+        r"""Per-value beta scores ``(K', G_L, p)`` and Lambda scores (per level ``(K', G_L, q, q)``)
         from the recorded row derivatives: :math:`s_k = \sum_{i\in k} x_i\,\partial\ell/\partial\eta^0_i`,
         :math:`S_k = \sum_{i\in k} z_i(\partial\ell/\partial\tilde z_i)^\top`."""
         top = Grouping(self.tensors.row_top, self.n_top)
@@ -184,10 +184,10 @@ def _regular(psi_row: torch.Tensor, p: int, term_sizes) -> bool:
     return True
 
 
-def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_steps: int):
-    """Per-value quasi-Newton steps :math:`\psi \leftarrow \psi + \alpha B^{-1}g` with backtracking on the
-    log-likelihood, for the values in ``active`` until their max |gradient| is below ``target``;
-    only the values still moving are evaluated.
+def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_steps: int, test_scale=None):
+    r"""Per-value quasi-Newton steps :math:`\psi \leftarrow \psi + \alpha B^{-1}g` with backtracking on the
+    log-likelihood, for the values in ``active`` until their max |gradient| (times ``test_scale``,
+    ``(K', m)``, when given) is below ``target``; only the values still moving are evaluated.
 
     ``neg_hess`` is ``(K', m, m)``: positive definite approximations :math:`B` of the negated Hessians,
     which receive the BFGS update after every accepted step (superlinear convergence from the first
@@ -198,7 +198,7 @@ def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_st
     b_mat = neg_hess.clone()
     eye = torch.eye(psi.shape[1], dtype=psi.dtype, device=psi.device)
     for _ in range(max_steps):
-        todo = active & ~stuck & (g.abs().amax(1) >= target)
+        todo = active & ~stuck & ((g if test_scale is None else g * test_scale).abs().amax(1) >= target)
         if not bool(todo.any()):
             break
         chol, info = torch.linalg.cholesky_ex(b_mat)

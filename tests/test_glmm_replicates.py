@@ -1,0 +1,173 @@
+"""Replicate refits of GLMMs batched over replicates equal separate fits."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import torchmix as tm
+import torchmix.fit.glmm_replicates as gr
+from torchmix.api import _prepare
+from torchmix.fit.glmm import fit_glmm
+from torchmix.fit.glmm_se import fd_hessian
+from torchmix.fit.replicates import estimate_vector, refit_replicates, scale_top_weights
+from torchmix.likelihood.agq import AGQLogLik
+
+from conftest import simulate_nested
+
+RHS = "age + urban + (1 | district)"
+
+
+def _quiet_mix(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tm.mix(*args, progress=False, **kw)
+
+
+def _contraception():
+    df = tm.load_dataset("contraception")
+    df["w1"] = 1.0 + (np.arange(len(df)) % 3)
+    df["w2"] = 1.0 + (df["district"].astype(int) % 4)
+    return df
+
+
+def _jk1(df, group, wcol):
+    labels = sorted(df[group].unique(), key=str)
+    g = len(labels)
+    cols = [f"rw{r + 1}" for r in range(g)]
+    reps = pd.DataFrame({c: df[wcol] * np.where(df[group] == s, 0.0, g / (g - 1)) for c, s in zip(cols, labels)},
+                        index=df.index)
+    return pd.concat([df, reps], axis=1), cols, labels
+
+
+def _count_separate_fits(monkeypatch):
+    """Count the replicates refitted one by one (not settled by the batch)."""
+    calls = []
+    original = gr._refit_alone
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return original(*args, **kw)
+    monkeypatch.setattr(gr, "_refit_alone", counting)
+    return calls
+
+
+def test_jk1_logit_replicates_equal_separate_fits(monkeypatch):
+    calls = _count_separate_fits(monkeypatch)
+    df = _contraception()
+    rdf, cols, labels = _jk1(df, "district", "w2")
+    kw = dict(weights=["w1", "w2"], family="binomial")
+    res = _quiet_mix(f"use ~ {RHS}", rdf, replicate_weights={"w2": cols}, replicate_method="JK1", **kw)
+    assert not calls  # every replicate settled by the batched refit
+    est = res.variance["replicate_estimates"].numpy()
+    g = len(labels)
+    for r in (0, 17, 41):
+        d = df[df["district"] != labels[r]].copy()
+        d["w1"] *= g / (g - 1)
+        d["w2"] *= g / (g - 1)
+        sep = _quiet_mix(f"use ~ {RHS}", d, **kw)
+        np.testing.assert_allclose(est[r], np.concatenate([sep.coef, sep.varcomp]), rtol=1e-8)
+    full = np.concatenate([res.coef, res.varcomp])
+    v = (g - 1) / g * ((est - full) ** 2).sum(0)
+    np.testing.assert_allclose(res.se.to_numpy(), np.sqrt(v[:3]), rtol=1e-12)
+
+
+def _prepared_logit(levels=2):
+    df = simulate_nested(n_top=10, levels=3, seed=4)
+    df["hit"] = (df["y"] > 1.5).astype(float)
+    if levels == 2:
+        formula, weights = "hit ~ x + (1 | cls)", ["w1c", "w2c"]
+    else:
+        formula, weights = "hit ~ x + (1 | cls) + (1 | school)", ["w1c", "w2c", "w3c"]
+    prep = _prepare(formula, df, weights, cweights=True, family="binomial", progress=False)
+    return prep.design.tensors, prep.family
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_fay_replicates_batched_equal_separate_fit_glmm(levels):
+    """Fay replicates (rho = 0.5) of a 2- and a 3-level logit model: the batched estimates equal
+    fit_glmm on each replicate's weights, started from the full-sample estimates."""
+    t, fam = _prepared_logit(levels)
+    n_top = t.levels[-1].n_groups
+    rng = np.random.default_rng(2)
+    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(4, n_top)), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fit_glmm(t, fam, n_quad=5, progress=False)
+        start = estimate_vector(full)
+
+        def fit(tensors, s):
+            return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+        batch = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
+        assert batch is not None
+        est, n_failed = batch
+        assert n_failed == 0
+        for r in range(factors.shape[0]):
+            sep = fit(scale_top_weights(t, factors[r]), start)
+            np.testing.assert_allclose(est[r].numpy(), estimate_vector(sep).numpy(), rtol=1e-8)
+
+
+def test_group_derivatives_sum_to_the_fit_gradient_and_hessian():
+    t, fam = _prepared_logit(2)
+    module = AGQLogLik(t, fam, 5)
+    psi = torch.tensor([-0.4, 0.6, 0.8], dtype=torch.float64)
+    ell, scores, hess, modes = gr.group_derivatives(module, psi, 2, [(1,)])
+
+    def total(x):
+        return module.loglik(x[:2], [x[2:].reshape(1, 1)])
+
+    def grad(x):
+        module.set_modes(modes)
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(total(x).sum(), x)
+        return g
+    module.set_modes(modes)
+    np.testing.assert_allclose(ell.numpy(), total(psi).detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(scores.sum(0).numpy(), grad(psi).numpy(), rtol=1e-10, atol=1e-12)
+    ref = fd_hessian(grad, psi, torch.ones(3, dtype=torch.bool))
+    np.testing.assert_allclose(hess.sum(0).numpy(), ref.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_unsettled_replicates_are_refitted_alone_and_counted(monkeypatch):
+    """Without batched steps every replicate falls back to its own fit: same estimates; a replicate
+    whose own fit does not converge is counted."""
+    t, fam = _prepared_logit(2)
+    rng = np.random.default_rng(5)
+    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(3, t.levels[-1].n_groups)),
+                              dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fit_glmm(t, fam, n_quad=5, progress=False)
+        start = estimate_vector(full)
+
+        def fit(tensors, s):
+            return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+        batched, _ = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
+        calls = _count_separate_fits(monkeypatch)
+        alone, n_failed = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5,
+                                                      max_steps=0)
+        assert len(calls) == 3 and n_failed == 0
+        np.testing.assert_allclose(alone.numpy(), batched.numpy(), rtol=1e-8)
+
+        def failing(tensors, s):
+            return fit_glmm(tensors, fam, n_quad=5, start=s, max_iter=1, tol=1e-14, progress=False)
+        _, n_failed = gr.glmm_replicate_estimates(t, factors, failing, start, family=fam, full=full, n_quad=5,
+                                                  max_steps=0)
+    assert n_failed == 3
+
+
+def test_refit_replicates_falls_back_where_the_batch_does_not_apply():
+    t, fam = _prepared_logit(2)
+    factors = torch.ones(2, t.levels[-1].n_groups, dtype=torch.float64)
+    seen = []
+
+    def fit(tensors, s):
+        seen.append(1)
+        return torch.zeros(3, dtype=torch.float64), True
+    est, n_failed = refit_replicates(t, factors, fit, None, batch=lambda *a: None)
+    assert len(seen) == 2 and n_failed == 0 and est.shape == (2, 3)
