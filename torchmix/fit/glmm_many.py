@@ -46,6 +46,7 @@ LINE_HALVINGS = 10
 STOP = 1.0           # stop when max |gradient| < STOP * tol
 EPS_HALF = torch.finfo(torch.float64).eps ** 0.5
 ASYMMETRY_TOL = 1e-6  # forward-difference Hessians less symmetric than this are redone centrally
+MODE_TOL = 1e-13      # modes to near rounding, so that gradients can be differenced with a step of sqrt(eps)
 
 
 def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTensors:
@@ -98,12 +99,19 @@ class _Stacked:
                            for lv in tensors.levels]
         self.ell = torch.zeros(self.k, self.n_top, dtype=responses.dtype, device=responses.device)
         self._cache = (None, None)
+        self._all, self._full = tuple(range(self.k)), None
         self.n_evals = 0
 
     def _module(self, rows: tuple) -> AGQLogLik:
+        """The module over the copies ``rows``; the one over every value is kept for the Hessian."""
         key, module = self._cache
         if key != rows:
-            module = AGQLogLik(stack_responses(self.tensors, self.responses[:, list(rows)]), self.family, self.n_quad)
+            module = self._full if rows == self._all and self._full is not None else None
+            if module is None:
+                module = AGQLogLik(stack_responses(self.tensors, self.responses[:, list(rows)]), self.family,
+                                   self.n_quad)
+            if rows == self._all:
+                self._full = module
             self._cache = (rows, module)
         return module
 
@@ -125,19 +133,32 @@ class _Stacked:
         ``rows`` (bool ``(K',)``) at ``psi[rows]``; also returns the row-level derivatives."""
         idx = tuple(torch.nonzero(rows).flatten().tolist())
         module = self._module(idx)
+        module.mode_tol = MODE_TOL
         sel = list(idx)
         module.set_modes([u[sel].reshape(-1, u.shape[2]) for u in self.u])
         x = psi[sel].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            eta0, zls = self.pieces(x)
-            ell = module(eta0, zls)
-            grads = torch.autograd.grad(ell.sum(), [x, eta0] + zls)
         self.n_evals += 1
+        try:
+            with torch.enable_grad():
+                eta0, zls = self.pieces(x)
+                ell = module(eta0, zls)
+                grads = torch.autograd.grad(ell.sum(), [x, eta0] + zls)
+        except torch.linalg.LinAlgError:  # a curvature not positive definite at some trial point: reject it
+            return self._failed(len(sel))
         if keep_modes:
             for u, new in zip(self.u, module.modes):
                 u[sel] = new.reshape(len(sel), -1, u.shape[2])
         ell = ell.detach().reshape(len(sel), self.n_top)
         return ell.sum(1), grads[0] / self.w_total, (ell, grads[1:])
+
+    def _failed(self, r: int):
+        """What :meth:`value_grad` returns for ``r`` values it cannot evaluate: values -inf, NaN gradients."""
+        nan = float("nan")
+        like = dict(dtype=self.responses.dtype, device=self.responses.device)
+        n = r * self.tensors.n_obs
+        rows = [torch.full((n,), nan, **like)] + [torch.full((n, lv.q), nan, **like) for lv in self.tensors.levels]
+        return (torch.full((r,), -math.inf, **like), torch.full((r, self.p + sum(self.sizes)), nan, **like),
+                (torch.full((r, self.n_top), nan, **like), rows))
 
     def keep(self, rows: torch.Tensor, take: torch.Tensor, extra) -> None:
         """Record the contributions and row derivatives of the accepted values ``take`` (a mask over
@@ -241,13 +262,15 @@ def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_st
 def _fd_hessians(prob: _Stacked, psi: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     r"""Per-value Hessians ``(K', m, m)`` of the normalised log-likelihood (rows outside ``rows`` left 0).
 
-    Forward differences of the exact gradient, :math:`H_{\cdot r}\approx(g(\psi+h_re_r)-g(\psi))/h_r`
-    with :math:`h_r=(|\psi_r|+1)\sqrt{\epsilon}` and ``g (K', m)`` the gradient already known at ``psi``
-    (m batched evaluations), symmetrised. Their error is of order :math:`h_r` times the third
-    derivatives plus the rounding of the gradient over :math:`h_r`, about :math:`10^{-8}` relative, as
-    small as that of the central differences of :func:`~torchmix.fit.glmm_se.fd_hessian`. The asymmetry
-    of the forward-difference matrix measures that error; a value whose asymmetry exceeds
-    ``ASYMMETRY_TOL`` (relative to its largest entry) gets the central differences instead.
+    Forward differences of the exact gradient from the gradient ``g (K', m)`` already known at
+    ``psi``, :math:`H_{\cdot r}\approx(g(\psi+h_re_r)-g(\psi))/h_r` with
+    :math:`h_r=(|\psi_r|+1)\sqrt{\epsilon}` (m batched evaluations), symmetrised. The modes of every
+    evaluation are solved to ``MODE_TOL``, so the gradients carry rounding only and the error is of
+    order :math:`h_r` times the third derivatives plus the rounding of the gradient over :math:`h_r`,
+    about :math:`10^{-8}` relative, as small as that of the central differences of
+    :func:`~torchmix.fit.glmm_se.fd_hessian`. The asymmetry of the forward-difference matrix measures
+    that error; a value whose asymmetry exceeds ``ASYMMETRY_TOL`` (relative to its largest entry)
+    gets the central differences instead.
     """
     hess = torch.zeros(prob.k, psi.shape[1], psi.shape[1], dtype=psi.dtype, device=psi.device)
     cols = []

@@ -32,6 +32,7 @@ fitted probabilities separate, is refitted on its own with the caller's ``fit``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Optional
 
@@ -100,12 +101,15 @@ class _Copies:
         module = self._module(tuple(sel))
         module.set_modes([u[sel].reshape(-1, u.shape[2]) for u in self.u])
         x = psi[sel].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            eta0, zls = self.pieces(x)
-            ell = module(eta0, zls).reshape(len(sel), self.n_top)
-            val = (ell * self.weights[sel]).sum(1)
-            (grad,) = torch.autograd.grad(val.sum(), x)
         self.n_evals += 1
+        try:
+            with torch.enable_grad():
+                eta0, zls = self.pieces(x)
+                ell = module(eta0, zls).reshape(len(sel), self.n_top)
+                val = (ell * self.weights[sel]).sum(1)
+                (grad,) = torch.autograd.grad(val.sum(), x)
+        except torch.linalg.LinAlgError:  # a curvature not positive definite at some trial point: reject it
+            return torch.full((len(sel),), -math.inf, dtype=x.dtype, device=x.device), torch.full_like(x, math.nan), None
         if keep_modes:
             for u, new in zip(self.u, module.modes):
                 u[sel] = new.reshape(len(sel), -1, u.shape[2])
