@@ -54,3 +54,13 @@ def test_asymmetric_forward_differences_fall_back_to_central(monkeypatch):
     outs = gm.fit_glmm_many(t, fam, ys, n_quad=5, progress=False)
     assert calls == [ys.shape[1] - 1]
     _assert_like_separate(outs, t, fam, ys)
+
+
+def test_tau_jacobian_closed_form_equals_autograd():
+    from torchmix.covariance import n_theta
+    from torchmix.fit.glmm_se import tau_jacobian, tau_of_theta
+    gen = torch.Generator().manual_seed(0)
+    for ts in ([[1]], [[2]], [[2, 1], [1]], [[3]], [[1, 2], [2]]):
+        theta = torch.randn(sum(n_theta(t) for t in ts), dtype=torch.float64, generator=gen)
+        ref = torch.autograd.functional.jacobian(lambda t: tau_of_theta(t, ts), theta)
+        np.testing.assert_allclose(tau_jacobian(theta, ts).numpy(), ref.numpy(), rtol=1e-14, atol=1e-15)

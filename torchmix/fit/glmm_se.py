@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..covariance import lambda_from_theta, n_theta, tau_from_lambda, theta_index
+from ..covariance import lambda_from_theta, n_theta, tau_from_lambda, tau_index, theta_index
 from ..inference import safe_inverse_negative_hessian, sandwich
 
 __all__ = ["fd_hessian", "tau_of_theta", "tau_jacobian", "boundary_pattern", "assemble"]
@@ -63,8 +63,23 @@ def tau_of_theta(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]]) -
 
 
 def tau_jacobian(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
-    r""":math:`D=\partial\tau/\partial\theta`, ``(n_tau, n_theta)`` (square)."""
-    return torch.autograd.functional.jacobian(lambda t: tau_of_theta(t, term_sizes), theta_all)
+    r""":math:`D=\partial\tau/\partial\theta`, ``(n_tau, n_theta)`` (square, block diagonal over levels).
+
+    With :math:`\tau_j=(\Lambda\Lambda^\top)_{a_jb_j}` and :math:`\theta_i=\Lambda_{r_ic_i}`,
+    :math:`D_{ji}=[a_j=r_i]\Lambda_{b_jc_i}+[b_j=r_i]\Lambda_{a_jc_i}` (in closed form, as autograd
+    would compute it, without building a graph).
+    """
+    blocks, pos = [], 0
+    for ts in term_sizes:
+        k = n_theta(ts)
+        lam = lambda_from_theta(theta_all[pos:pos + k], ts)
+        r, c = theta_index(ts)
+        a, b = (torch.as_tensor(v, dtype=torch.long) for v in tau_index(ts))
+        r, c, a, b = (v.to(lam.device) for v in (r, c, a, b))
+        blocks.append((a[:, None] == r[None, :]).to(lam.dtype) * lam[b[:, None], c[None, :]]
+                      + (b[:, None] == r[None, :]).to(lam.dtype) * lam[a[:, None], c[None, :]])
+        pos += k
+    return torch.block_diag(*blocks) if blocks else theta_all.new_zeros(0, 0)
 
 
 def boundary_pattern(theta_all: torch.Tensor, term_sizes: Sequence[Sequence[int]], tol: float):
