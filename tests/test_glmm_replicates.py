@@ -171,3 +171,30 @@ def test_refit_replicates_falls_back_where_the_batch_does_not_apply():
         return torch.zeros(3, dtype=torch.float64), True
     est, n_failed = refit_replicates(t, factors, fit, None, batch=lambda *a: None)
     assert len(seen) == 2 and n_failed == 0 and est.shape == (2, 3)
+
+
+def test_plausible_values_with_replicates_equal_separate_fits(monkeypatch):
+    """Replicates of the second (batched) plausible value of a logit model equal a separate fit of
+    that value with the replicate's weights."""
+    calls = _count_separate_fits(monkeypatch)
+    df = _contraception()
+    rng = np.random.default_rng(8)
+    flip = rng.uniform(size=len(df)) < 0.08
+    df["use_a"] = df["use01"].astype(float)
+    df["use_b"] = np.where(flip, 1 - df["use01"], df["use01"]).astype(float)
+    labels = sorted(df["district"].unique(), key=str)
+    df["JKZONE"] = df["district"].map({s: i // 2 for i, s in enumerate(labels)})
+    df["JKREP"] = df["district"].map({s: i % 2 for i, s in enumerate(labels)})
+    kw = dict(weights=["w1", "w2"], family="binomial", n_quad=5)
+    res = _quiet_mix(f"y ~ {RHS}", df, plausible_values={"y": ["use_a", "use_b"]}, jk_zone="JKZONE", jk_rep="JKREP",
+                     **kw)
+    second = res.fits[1]
+    assert second._out.extra.get("batched") and not calls
+    est = second.variance["replicate_estimates"].numpy()
+    # replicate 0 of zone 0: the first district of the zone dropped, its partner doubled
+    d = df[df["district"] != labels[0]].copy()
+    twice = d["district"] == labels[1]
+    d.loc[twice, "w1"] *= 2.0
+    d.loc[twice, "w2"] *= 2.0
+    sep = _quiet_mix(f"use_b ~ {RHS}", d, **kw)
+    np.testing.assert_allclose(est[0], np.concatenate([sep.coef, sep.varcomp]), rtol=1e-8)

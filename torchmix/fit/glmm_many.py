@@ -380,6 +380,6 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
             message=f"converged (max |gradient| {gm:.3g} < {tol:.3g})",
             extra={"n_quad": prob.n_quad, "grad_max": gm, "n_evals": prob.n_evals, "n_evals_laplace": 0,
                    "lnl_laplace": math.nan, "boundary": [], "adapt": "every_eval", "tau_cov_model": tau_cov_model,
-                   "hessian": hess[j],
-                   "psi": psi[j].clone(), "batched": True}))
+                   "hessian": hess[j] / (factor[:, None] * factor[None, :]),  # on standardised columns,
+                   "psi": psi[j] * factor, "batched": True}))                    # as a single fit reports them
     return out

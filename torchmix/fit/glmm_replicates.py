@@ -199,7 +199,8 @@ def glmm_replicate_estimates(tensors: ModelTensors, factors: torch.Tensor, fit: 
     fit : ``fit(tensors, start)`` -> :class:`~torchmix.tensors.FitOutput`, the separate refit used for
         replicates the batch does not settle; start : its start (the full-sample estimates).
     progress : optional tqdm bar, advanced once per replicate.
-    family, n_quad, tol : those of the full-sample fit ``full`` (:func:`~torchmix.fit.glmm.fit_glmm`).
+    family, n_quad, tol : those of the full-sample fit ``full`` (:func:`~torchmix.fit.glmm.fit_glmm` or a
+        batched plausible value): its ``extra["psi"]`` on standardised columns and its modes ``u``.
 
     Returns
     -------
@@ -209,8 +210,9 @@ def glmm_replicate_estimates(tensors: ModelTensors, factors: torch.Tensor, fit: 
     p = tensors.n_fixed
     term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
     psi0 = full.extra.get("psi")
-    if (psi0 is None or not full.converged or full.extra.get("boundary") or factors.shape[0] == 0
-            or not _regular(psi0, p, term_sizes)):
+    if psi0 is not None and factors.shape[0] == 0:
+        return psi0.new_zeros(0, psi0.numel()), 0
+    if psi0 is None or not full.converged or full.extra.get("boundary") or not _regular(psi0, p, term_sizes):
         return None
     std = Standardizer.from_tensors(tensors)
     scale0 = torch.cat([std.sx, std.theta_factor()])
