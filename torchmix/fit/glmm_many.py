@@ -123,7 +123,7 @@ class _Stacked:
         eta0 = eta0.transpose(0, 1).reshape(-1)
         zls, pos = [], self.p
         for lv, ts, k in zip(self.tensors.levels, self.term_sizes, self.sizes):
-            lams = torch.stack([lambda_from_theta(row, ts) for row in psi[:, pos:pos + k]])
+            lams = lambda_from_theta(psi[:, pos:pos + k], ts)  # (k, q, q)
             zls.append(torch.einsum("nq,kqr->knr", lv.Z, lams).reshape(-1, lv.q))
             pos += k
         return eta0, zls
