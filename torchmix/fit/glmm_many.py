@@ -13,10 +13,10 @@ backtracking line search, evaluating only the values still moving:
 
 1. BFGS steps started from the first value's Hessian until the gradient is below the convergence
    tolerance (the test of :func:`~torchmix.fit.glmm.fit_glmm`);
-2. the value's own Hessian there, by forward differences of the exact gradient from the gradient
-   already known at the optimum (m difference evaluations batched over values; as accurate as the
-   central differences of :func:`~torchmix.fit.glmm_se.fd_hessian`, which a value whose difference
-   matrix is not symmetric to 1e-6 gets instead);
+2. the value's own Hessian there, by central differences of the exact gradient exactly as
+   :func:`~torchmix.fit.glmm_se.fd_hessian` does it, the 2m difference evaluations batched over values
+   (central differences with this step amplify rounding by only ~1e4, so the result does not depend on
+   which values share a batch or on the number of threads);
 3. per-top-group scores from the row-level derivatives kept from the value's last evaluation, and
    the sandwich per value (:func:`~torchmix.fit.glmm_se.assemble`).
 
@@ -44,9 +44,6 @@ __all__ = ["fit_glmm_many", "stack_responses"]
 FIXED_STEPS = 30     # quasi-Newton steps started from the first value's Hessian
 LINE_HALVINGS = 10
 STOP = 1.0           # stop when max |gradient| < STOP * tol
-EPS_HALF = torch.finfo(torch.float64).eps ** 0.5
-ASYMMETRY_TOL = 1e-6  # forward-difference Hessians less symmetric than this are redone centrally
-MODE_TOL = 1e-13      # modes to near rounding, so that gradients can be differenced with a step of sqrt(eps)
 
 
 def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTensors:
@@ -133,7 +130,6 @@ class _Stacked:
         ``rows`` (bool ``(K',)``) at ``psi[rows]``; also returns the row-level derivatives."""
         idx = tuple(torch.nonzero(rows).flatten().tolist())
         module = self._module(idx)
-        module.mode_tol = MODE_TOL
         sel = list(idx)
         module.set_modes([u[sel].reshape(-1, u.shape[2]) for u in self.u])
         x = psi[sel].detach().clone().requires_grad_(True)
@@ -259,38 +255,7 @@ def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_st
     return psi, val, g, steps, stuck
 
 
-def _fd_hessians(prob: _Stacked, psi: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    r"""Per-value Hessians ``(K', m, m)`` of the normalised log-likelihood (rows outside ``rows`` left 0).
-
-    Forward differences of the exact gradient from the gradient ``g (K', m)`` already known at
-    ``psi``, :math:`H_{\cdot r}\approx(g(\psi+h_re_r)-g(\psi))/h_r` with
-    :math:`h_r=(|\psi_r|+1)\sqrt{\epsilon}` (m batched evaluations), symmetrised. The modes of every
-    evaluation are solved to ``MODE_TOL``, so the gradients carry rounding only and the error is of
-    order :math:`h_r` times the third derivatives plus the rounding of the gradient over :math:`h_r`,
-    about :math:`10^{-8}` relative, as small as that of the central differences of
-    :func:`~torchmix.fit.glmm_se.fd_hessian`. The asymmetry of the forward-difference matrix measures
-    that error; a value whose asymmetry exceeds ``ASYMMETRY_TOL`` (relative to its largest entry)
-    gets the central differences instead.
-    """
-    hess = torch.zeros(prob.k, psi.shape[1], psi.shape[1], dtype=psi.dtype, device=psi.device)
-    cols = []
-    for r in range(psi.shape[1]):
-        h = (psi[:, r].abs() + 1.0) * EPS_HALF
-        e = torch.zeros_like(psi)
-        e[:, r] = h
-        g_plus = prob.value_grad(psi + e, rows, keep_modes=False)[1]
-        cols.append((g_plus - g[rows]) / h[rows, None])
-    sub = torch.stack(cols, dim=2)
-    asym = (sub - sub.transpose(1, 2)).abs().amax((1, 2)) / sub.abs().amax((1, 2))
-    hess[rows] = 0.5 * (sub + sub.transpose(1, 2))
-    rough = rows.clone()
-    rough[rows] = ~(asym <= ASYMMETRY_TOL)
-    if bool(rough.any()):
-        hess[rough] = _central_hessians(prob, psi, rough)[rough]
-    return hess
-
-
-def _central_hessians(prob: _Stacked, psi: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _fd_hessians(prob: _Stacked, psi: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Per-value central-difference Hessians ``(K', m, m)`` (rows outside ``rows`` left 0), with the
     step and warm starts of :func:`~torchmix.fit.glmm_se.fd_hessian` (2m batched evaluations)."""
     hess = torch.zeros(prob.k, psi.shape[1], psi.shape[1], dtype=psi.dtype, device=psi.device)
@@ -360,7 +325,7 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
     ok &= torch.tensor([_regular(row, p, term_sizes) for row in psi], dtype=torch.bool)
     # 2. each value's own Hessian at its optimum (as the separate fit computes it)
     if bool(ok.any()):
-        hess = _fd_hessians(prob, psi, g, ok)
+        hess = _fd_hessians(prob, psi, ok)
         ok &= torch.linalg.cholesky_ex(-hess)[1] == 0
         s_beta, s_lam = prob.top_scores()
     out = [first]
