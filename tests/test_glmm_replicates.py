@@ -198,3 +198,30 @@ def test_plausible_values_with_replicates_equal_separate_fits(monkeypatch):
     d.loc[twice, "w2"] *= 2.0
     sep = _quiet_mix(f"use_b ~ {RHS}", d, **kw)
     np.testing.assert_allclose(est[0], np.concatenate([sep.coef, sep.varcomp]), rtol=1e-8)
+
+
+def test_a_failed_stacked_evaluation_rejects_the_trial_points(monkeypatch):
+    t, fam = _prepared_logit(2)
+    rng = np.random.default_rng(7)
+    n_top = t.levels[-1].n_groups
+    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(3, n_top)), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fit_glmm(t, fam, n_quad=5, progress=False)
+        start = estimate_vector(full)
+
+        def fit(tensors, s):
+            return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+        ref, _ = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
+        original = AGQLogLik.forward
+        failed = []
+
+        def flaky(self, eta0, zls, kappa=None):
+            if self.n2 > n_top and not failed:  # the first evaluation of the stacked copies
+                failed.append(1)
+                raise torch.linalg.LinAlgError("a curvature block is not positive definite")
+            return original(self, eta0, zls, kappa)
+        monkeypatch.setattr(AGQLogLik, "forward", flaky)
+        est, n_failed = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
+    assert failed and n_failed == 0
+    np.testing.assert_allclose(est.numpy(), ref.numpy(), rtol=1e-8)

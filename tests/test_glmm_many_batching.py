@@ -63,3 +63,23 @@ def test_tau_jacobian_closed_form_equals_autograd():
         theta = torch.randn(sum(n_theta(t) for t in ts), dtype=torch.float64, generator=gen)
         ref = torch.autograd.functional.jacobian(lambda t: tau_of_theta(t, ts), theta)
         np.testing.assert_allclose(tau_jacobian(theta, ts).numpy(), ref.numpy(), rtol=1e-14, atol=1e-15)
+
+
+def test_an_evaluation_that_fails_rejects_the_trial_point(monkeypatch):
+    """A stacked evaluation whose curvature is not positive definite (LinAlgError) rejects its trial
+    points; the values still end where separate fits do."""
+    from torchmix.likelihood.agq import AGQLogLik
+    t, fam, ys = _values()
+    original = AGQLogLik.forward
+    calls = []
+
+    def flaky(self, eta0, zls, kappa=None):
+        calls.append(1)
+        if len(calls) == 2:  # the first trial step
+            raise torch.linalg.LinAlgError("a curvature block is not positive definite")
+        return original(self, eta0, zls, kappa)
+    first = fit_glmm(t.with_response(ys[:, 0]), fam, n_quad=5, progress=False)
+    monkeypatch.setattr(AGQLogLik, "forward", flaky)
+    outs = gm.fit_glmm_many(t, fam, ys, n_quad=5, progress=False, first=first)
+    monkeypatch.setattr(AGQLogLik, "forward", original)
+    _assert_like_separate(outs, t, fam, ys)
