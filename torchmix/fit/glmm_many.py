@@ -39,11 +39,12 @@ from .glmm import BOUNDARY_TOL, fit_glmm
 from .glmm_se import EPS_QUARTER, assemble, boundary_pattern
 from .standardize import Standardizer
 
-__all__ = ["fit_glmm_many", "stack_responses"]
+__all__ = ["fit_glmm_many", "stack_responses", "even_chunks"]
 
 FIXED_STEPS = 30     # quasi-Newton steps started from the first value's Hessian
 LINE_HALVINGS = 10
 STOP = 1.0           # stop when max |gradient| < STOP * tol
+CHUNK_ROWS = 100_000  # rows of one stacked evaluation (values x N); larger stacks leave the cache
 
 
 def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTensors:
@@ -312,7 +313,27 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
     scale = Standardizer.from_tensors(tensors)
     factor = torch.cat([scale.sx, scale.theta_factor()])
     psi0, hess0 = psi0 / factor, factor[:, None] * hess0 * factor[None, :]
-    prob = _Stacked(tensors, responses[:, 1:], family, n_quad, first)
+    out = [first]
+    for cols in even_chunks(list(range(1, k_all)), CHUNK_ROWS // max(tensors.n_obs, 1)):
+        done = _fit_values(tensors, family, responses[:, cols], n_quad, first, psi0, hess0, factor, tol,
+                           small_sample)
+        out += [fit_alone(k) if fit is None else fit for k, fit in zip(cols, done)]
+    return out
+
+
+def even_chunks(items: list, most: int) -> list:
+    """``items`` cut into the fewest contiguous chunks of at most ``most`` (at least 1), sizes differing by
+    at most one."""
+    n = max(1, -(-len(items) // max(most, 1)))
+    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+
+
+def _fit_values(tensors, family, responses, n_quad, first, psi0, hess0, factor, tol, small_sample) -> list:
+    """Steps 1-3 of the module notes for the values ``responses (N, k)`` stacked together; None for a
+    value that must be refitted on its own."""
+    p = tensors.n_fixed
+    term_sizes = [tuple(lv.term_sizes) for lv in tensors.levels]
+    prob = _Stacked(tensors, responses, family, n_quad, first)
     everyone = torch.ones(prob.k, dtype=torch.bool)
     psi = psi0.expand(prob.k, -1).clone()
     val, g, extra = prob.value_grad(psi, everyone)
@@ -328,10 +349,10 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
         hess = _fd_hessians(prob, psi, ok)
         ok &= torch.linalg.cholesky_ex(-hess)[1] == 0
         s_beta, s_lam = prob.top_scores()
-    out = [first]
+    out = []
     for j in range(prob.k):
         if not bool(ok[j]):
-            out.append(fit_alone(j + 1))
+            out.append(None)
             continue
         fixed_theta, zero_tau, _ = boundary_pattern(psi[j, p:], term_sizes, BOUNDARY_TOL)
         free = torch.cat([torch.ones(p, dtype=torch.bool), ~fixed_theta]).to(psi.device)

@@ -20,7 +20,7 @@ separate fit normalises). The refit of every replicate therefore starts with no 
 2. from there each replicate takes Newton steps with that Hessian, updated by BFGS, with a
    backtracking line search (:func:`~torchmix.fit.glmm_many._newton`); the replicates are evaluated
    side by side as copies of the data (:func:`~torchmix.fit.glmm_many.stack_responses`), in chunks
-   of about ``CHUNK_ROWS`` rows, only those still moving;
+   of at most :data:`~torchmix.fit.glmm_many.CHUNK_ROWS` rows, only those still moving;
 3. a replicate has converged when its gradient on its own standardised columns
    (:mod:`torchmix.fit.standardize`) is below ``tol`` -- the test of a separate
    :func:`~torchmix.fit.glmm.fit_glmm` -- and the steps continue to ``tol * STOP`` (a separate fit
@@ -43,14 +43,13 @@ from ..errors import ConvergenceWarning
 from ..likelihood.agq import AGQLogLik
 from ..tensors import FitOutput, ModelTensors
 from .glmm import information_scale
-from .glmm_many import _newton, _regular, stack_responses
+from .glmm_many import CHUNK_ROWS, _newton, _regular, even_chunks, stack_responses
 from .glmm_se import EPS_QUARTER, tau_of_theta
 from .separation import separated_rows
 from .standardize import Standardizer, column_rms
 
 __all__ = ["glmm_replicate_estimates", "group_derivatives", "GLMMReplicateFit"]
 
-CHUNK_ROWS = 200_000   # rows of one stacked evaluation (copies x N)
 STOP = 1e-2            # steps continue until max |gradient| < STOP * tol
 MAX_STEPS = 30
 
@@ -228,11 +227,10 @@ def glmm_replicate_estimates(tensors: ModelTensors, factors: torch.Tensor, fit: 
                         dtype=dt, device=dev)
     weights = a_all / ((a_all @ w_top) * info)[:, None]       # a_rk / W_r
     test_scale = scale0[None, :] / _replicate_scales(tensors, a_all, term_sizes)
-    n_rep, n_obs = a_all.shape[0], tensors.n_obs
-    chunk = max(1, min(n_rep, CHUNK_ROWS // max(n_obs, 1)))
     rows, n_failed = [], 0
-    for c0 in range(0, n_rep, chunk):
-        sl = slice(c0, min(n_rep, c0 + chunk))
+    for chunk in even_chunks(list(range(a_all.shape[0])), CHUNK_ROWS // max(tensors.n_obs, 1)):
+        c0 = chunk[0]
+        sl = slice(c0, chunk[-1] + 1)
         w = weights[sl]
         copies = _Copies(st, family, n_quad, w, modes)
         k = copies.k
