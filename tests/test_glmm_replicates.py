@@ -162,6 +162,7 @@ def test_unsettled_replicates_are_refitted_alone_and_counted(monkeypatch):
 
 
 def test_refit_replicates_falls_back_where_the_batch_does_not_apply():
+    """A full-sample fit on the boundary (a variance of 0) is not batched: every replicate is refitted."""
     t, fam = _prepared_logit(2)
     factors = torch.ones(2, t.levels[-1].n_groups, dtype=torch.float64)
     seen = []
@@ -169,7 +170,13 @@ def test_refit_replicates_falls_back_where_the_batch_does_not_apply():
     def fit(tensors, s):
         seen.append(1)
         return torch.zeros(3, dtype=torch.float64), True
-    est, n_failed = refit_replicates(t, factors, fit, None, batch=lambda *a: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fit_glmm(t, fam, n_quad=5, progress=False)
+    full.extra["boundary"] = [0]
+    refit = gr.GLMMReplicateFit(fit, fam, full, n_quad=5)
+    assert refit.batched(t, factors, None) is None
+    est, n_failed = refit_replicates(t, factors, refit, None)
     assert len(seen) == 2 and n_failed == 0 and est.shape == (2, 3)
 
 

@@ -51,7 +51,8 @@ def _replicate_cov(res, dv, fit: Callable, bar):
         start = torch.cat([t.reshape(-1) for t in out.theta])
     else:
         start = full
-        fit = GLMMReplicateFit(fit, res.family, out, n_quad=res.options["n_quad"], tol=res.options["tol"])  # batched
+        # all replicates at once (batched Newton steps), separate refits where that does not settle
+        fit = GLMMReplicateFit(fit, res.family, out, n_quad=res.options["n_quad"], tol=res.options["tol"])
     est, n_failed = spread_replicates(res.design.tensors, dv.scheme.factors, fit, start, progress=bar)
     if n_failed:
         warn(f"{n_failed} of {dv.scheme.n_replicates} replicate fits did not converge; their estimates "
