@@ -20,9 +20,12 @@ backtracking line search, evaluating only the values still moving:
 3. per-top-group scores from the row-level derivatives kept from the value's last evaluation, and
    the sandwich per value (:func:`~torchmix.fit.glmm_se.assemble`).
 
-A value that does not converge this way, or whose variance is near the boundary, is refitted on its
-own with :func:`~torchmix.fit.glmm.fit_glmm`, so the result always equals fitting each value
-separately.
+The values are stacked in groups of at most ``CHUNK_ROWS`` rows (evenly split), each group fitted
+through steps 1-3 in turn: larger stacks leave the processor cache and cost more per value. A trial
+point where the curvature of some group is not positive definite is rejected like one that lowers
+the log-likelihood. A value that does not converge this way, or whose variance is near the boundary,
+is refitted on its own with :func:`~torchmix.fit.glmm.fit_glmm`, so the result always equals fitting
+each value separately.
 """
 
 from __future__ import annotations
