@@ -108,7 +108,8 @@ class _Copies:
                 val = (ell * self.weights[sel]).sum(1)
                 (grad,) = torch.autograd.grad(val.sum(), x)
         except torch.linalg.LinAlgError:  # a curvature not positive definite at some trial point: reject it
-            return torch.full((len(sel),), -math.inf, dtype=x.dtype, device=x.device), torch.full_like(x, math.nan), None
+            bad = torch.full((len(sel),), -math.inf, dtype=x.dtype, device=x.device)
+            return bad, torch.full_like(x, math.nan), None
         if keep_modes:
             for u, new in zip(self.u, module.modes):
                 u[sel] = new.reshape(len(sel), -1, u.shape[2])
