@@ -53,6 +53,8 @@ from ..errors import ConfigError
 from ..quadrature import check_n_quad, product_grid
 from ..tensors import ModelTensors
 from .adapt import adapt2
+from .fused2 import FusedData, fused_forward2
+from .kernels import canonical_kernel
 from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, lower_solve,
                     newton_modes_2, newton_modes_3, solve_upper_t, warn_modes)
 from .modes import chol as cholesky
@@ -63,6 +65,7 @@ __all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
 
 DEFAULT_CHUNK_ELEMS = 2 ** 24
 CACHE_ELEMS = 2 ** 19  # column chunks of the fused two-level node pass (4 MiB of float64)
+FUSED_CHUNK_ELEMS = 2 ** 21  # column chunks of the canonical-link node pass (fewer, larger operations)
 MODE_RESTARTS = 3
 
 
@@ -97,6 +100,9 @@ class AGQLogLik(nn.Module):
     n_quad : Gauss-Hermite points per random effect (1 = Laplace).
     max_chunk_elems : bound on the elements of one node-pass chunk.
     mode_tol, mode_max_iter : stopping rule of the Newton iterations for the modes.
+    fast : two levels with a built-in family and its canonical link (Bernoulli-logit, Poisson-log) go
+        through the fused evaluation of :mod:`torchmix.likelihood.fused2` (same value and gradient
+        to rounding); False forces the generic path.
 
     Call ``module(eta0, zls, kappa=None)`` with ``eta0 (N,)`` and ``zls`` a list (level 2 first)
     of ``(N, q_l)`` tensors; it returns the ``(G_L,)`` vector of :math:`\ell_k`. ``kappa`` is the
@@ -105,7 +111,8 @@ class AGQLogLik(nn.Module):
     """
 
     def __init__(self, tensors: ModelTensors, family, n_quad: int = 13, *,
-                 max_chunk_elems: int = DEFAULT_CHUNK_ELEMS, mode_tol: float = 1e-10, mode_max_iter: int = 100):
+                 max_chunk_elems: int = DEFAULT_CHUNK_ELEMS, mode_tol: float = 1e-10, mode_max_iter: int = 100,
+                 fast: bool = True):
         super().__init__()
         n_levels = tensors.n_levels
         if n_levels not in (2, 3):
@@ -117,6 +124,7 @@ class AGQLogLik(nn.Module):
         self.mode_tol = float(mode_tol)
         self.mode_max_iter = int(mode_max_iter)
         self.mode_iterations = 0
+        self._kernel = canonical_kernel(family) if fast and n_levels == 2 else None
         dt, dev = tensors.X.dtype, tensors.X.device
         lv2 = tensors.levels[0]
         self.register_buffer("X", tensors.X, persistent=False)
@@ -153,6 +161,14 @@ class AGQLogLik(nn.Module):
             data = NodePassData(self.family, self.y, self.w1, self._grouping("g2"),
                                 min(self.max_chunk_elems, CACHE_ELEMS), save_elems=self.max_chunk_elems)
             self._pass_data = data
+        return data
+
+    def _fused_data(self) -> FusedData:
+        data = getattr(self, "_fused", None)
+        if data is None or data.y is not self.y or data.g.index is not self.g2:
+            data = FusedData(self._kernel, self.y, self.w1, self._grouping("g2"),
+                             min(self.max_chunk_elems, FUSED_CHUNK_ELEMS), save_elems=self.max_chunk_elems)
+            self._fused = data
         return data
 
     def _grouping(self, name: str) -> Grouping:
@@ -234,6 +250,8 @@ class AGQLogLik(nn.Module):
 
     # ---- two levels
     def _forward2(self, eta0, zl, kappa, restarts: int = MODE_RESTARTS):
+        if self._kernel is not None and zl.shape[1] > 0:  # log-concave: no restarts needed
+            return fused_forward2(self, eta0, zl)
         fam, y, w1, n = self.family, self.y, self.w1, self.n2
         g = self._grouping("g2")
         u_hat, it, ok, at_mode = newton_modes_2(fam, y, w1, g, eta0, zl, self.u2, kappa, self.mode_tol,

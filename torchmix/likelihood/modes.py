@@ -47,7 +47,7 @@ def linear_predictor(eta0: torch.Tensor, parts) -> torch.Tensor:
     eta = eta0
     for zl, u, g in parts:
         if zl.shape[1] == 1:
-            eta = eta + zl[:, 0] * u[:, 0].index_select(0, g.index)
+            eta = torch.addcmul(eta, zl[:, 0], u[:, 0].index_select(0, g.index))
         else:
             eta = eta + (zl * g.gather(u)).sum(-1)
     return eta
@@ -106,7 +106,7 @@ def _objective_2(family, y, w1, g, eta, u, kappa):
 
 
 def newton_modes_2(family, y: torch.Tensor, w1: torch.Tensor, g: Grouping, eta0: torch.Tensor, zl: torch.Tensor,
-                   u0: torch.Tensor, kappa=None, tol: float = 1e-10, max_iter: int = 100):
+                   u0: torch.Tensor, kappa=None, tol: float = 1e-10, max_iter: int = 100, last=None):
     r"""Modes :math:`\hat u_j=\arg\max g_j` for every level-2 group (2-level model), no graph.
 
     Parameters
@@ -115,6 +115,8 @@ def newton_modes_2(family, y: torch.Tensor, w1: torch.Tensor, g: Grouping, eta0:
     g : rows to level-2 groups (``g.n`` groups).
     eta0 : ``(N,)`` fixed part; ``zl`` : ``(N, q)`` rows of :math:`Z\Lambda`.
     u0 : ``(G, q)`` warm start.
+    last : optional dict; when the iterations stop on the step size it receives ``grad`` ``(G, q)``
+        :math:`\nabla g_j(\hat u_j)` and ``chol`` ``(G, q, q)``, the Cholesky factor of the curvature there.
 
     Returns
     -------
@@ -139,18 +141,23 @@ def newton_modes_2(family, y: torch.Tensor, w1: torch.Tensor, g: Grouping, eta0:
         eta = linear_predictor(eta0, [(zl, u, g)])
         obj = None
         active = torch.ones(n, dtype=torch.bool, device=u.device)
+        wz = w1[:, None] * zl  # row pieces of the gradient and curvature sums, once
+        wzz = (wz[:, 0] * zl[:, 0])[:, None, None] if q == 1 else wz[:, :, None] * zl[:, None, :]
         for it in range(1, max_iter + 1):
             d1, _, curv = family.derivs(y, eta, kappa)
             exact = concave or bool((curv >= 0).all())
-            grad = g.sum((w1 * d1)[:, None] * zl) - u
-            hess = weighted_outer(w1 * (curv if exact else curv.clamp_min(0.0)), zl, zl, g) + eye
-            step = chol_solve(chol(hess), grad[:, :, None])[:, :, 0]
+            grad = g.sum(d1[:, None] * wz) - u
+            hess = g.sum((curv if exact else curv.clamp_min(0.0))[:, None, None] * wzz) + eye
+            factor = chol(hess)
+            step = chol_solve(factor, grad[:, :, None])[:, :, 0]
             size = step.abs().amax(-1) if q > 0 else torch.zeros(n, dtype=u.dtype, device=u.device)
             active = active & ~(size < tol)
             if not bool(active.any()):
+                if last is not None and exact:
+                    last.update(grad=grad, chol=factor)
                 return u, it, True, (eta, d1, curv)
             step = torch.where(active[:, None], step, torch.zeros_like(step))
-            if exact and bool((size[active] <= TRUST_STEP).all()):
+            if exact and bool(torch.where(active, size, 0.0).max() <= TRUST_STEP):
                 u = u + step
                 eta = linear_predictor(eta0, [(zl, u, g)])
                 obj = None

@@ -1,0 +1,259 @@
+r"""Two-level AGQ of a canonical-link family as one autograd function with a closed-form gradient.
+
+Computes the same :math:`\ell_j = w^{(2)}_j\log\mathcal L_j` as the generic two-level path of
+:class:`~torchmix.likelihood.agq.AGQLogLik` (modes, one implicit Newton step, Fisher curvature,
+product grid; MATH.md 5.1, 5.6) from :math:`(\eta^0, \tilde Z)`. Every row belongs to one group, so
+the Jacobian is block diagonal: the forward pass computes, per row, :math:`J^0_i=\partial\ell_{g(i)}/
+\partial\eta^0_i` and :math:`J^z_i=\partial\ell_{g(i)}/\partial\tilde z_i` (``(N,)``, ``(N, q)``) in closed
+form, and the backward pass is :math:`\bar\ell_{g(i)}J_i`. No graph is built.
+
+Per group (indices :math:`j` dropped), with :math:`L L^\top = H = \sum_i w_i W(\eta^\ast_i)\tilde z_i\tilde z_i^\top+I`,
+:math:`M = L^{-1}`, :math:`a_i = M\tilde z_i`, :math:`\eta_{im}=\eta^\ast_i+a_i^\top z_m`,
+:math:`T_m=\log\omega_m-\tfrac12\|u^\ast+M^\top z_m\|^2+\sum_i w_i\log f(\eta_{im})`, :math:`P=\operatorname{softmax}(T)`,
+:math:`r_{im}=\partial_\eta\log f(\eta_{im})`, :math:`\rho_i=\sum_m P_m r_{im}`, :math:`\kappa_i=\sum_m P_m r_{im}z_m`,
+:math:`\bar z=\sum_m P_m z_m`, :math:`Z_s=\sum_m P_m z_m z_m^\top`:
+
+.. math::
+    G_M = \sum_i w_i\kappa_i\tilde z_i^\top - \bar z u^{\ast\top} - Z_s M,\quad
+    G_L = -M^\top G_M M^\top - M^\top,\quad
+    G_H = M^\top\Phi(L^\top G_L)M\ \ (\text{Cholesky adjoint}),
+
+    e_i = w_i\rho_i + w_i W'(\eta^\ast_i)\,\tilde z_i^\top G_H\tilde z_i,\quad
+    \gamma = H_{\rm obs}^{-1}\Big(\sum_i e_i\tilde z_i - u^\ast - M^\top\bar z\Big),\quad
+    c_i = -w_i\,c(\hat\eta_i)\,\tilde z_i^\top\gamma,
+
+    J^0_i = e_i + c_i,\qquad
+    J^z_i = w_i M^\top\kappa_i + 2w_iW(\eta^\ast_i)G_H\tilde z_i + e_i u^\ast + w_i\,\partial_\eta\log f(\hat\eta_i)\,\gamma + c_i\hat u,
+
+all times :math:`w^{(2)}_j`; :math:`c = -\partial^2_\eta\log f` and :math:`\Phi` keeps the lower triangle and
+halves the diagonal. The last two terms are the implicit derivative of the mode (MATH.md 5.6).
+The :math:`N\times M` work is one pass of the node kernel (:mod:`torchmix.likelihood.kernels`) that
+keeps :math:`r`, and one weighted reduction of it; buffers are reused between evaluations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .modes import chol, chol_solve, linear_predictor, lower_solve, newton_modes_2, warn_modes, weighted_outer
+from .segments import Grouping
+
+__all__ = ["FusedData", "fused_forward2"]
+
+
+class FusedData:
+    """Constants and reusable buffers of the fused two-level evaluation of one module."""
+
+    def __init__(self, kernel_cls, y, w1, g: Grouping, chunk_elems: int, save_elems: int):
+        self.kernel = kernel_cls(y, w1, g)
+        self.y, self.w1, self.g = y, w1, g
+        self.chunk_elems, self.save_elems = int(chunk_elems), int(save_elems)
+        self._bufs = {}
+
+    def buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._bufs[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def fisher(self, family, eta):
+        """Fisher weight :math:`W(\\eta)` and its derivative, ``(N,)`` each."""
+        if hasattr(self.kernel, "fisher"):
+            return self.kernel.fisher(eta)
+        return family.fisher_w(eta), family.dfisher_w(eta)
+
+    def ones(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffer(("ones", n), (n,), like)
+        return buf.fill_(1.0)
+
+    def chunks(self, n_nodes: int):
+        n_rows = max(self.y.shape[0], 1)
+        # cache-sized chunks, but at least a few nodes while the memory budget allows
+        step = max(self.chunk_elems // n_rows, min(4, max(1, self.save_elems // n_rows)))
+        step = max(1, min(n_nodes, step))
+        return [(m0, min(m0 + step, n_nodes)) for m0 in range(0, n_nodes, step)]
+
+
+def _chunk_arg(bs, as_, nodes_t, out):
+    r""":math:`t_{im} = b_i + a_i^\top z_m` into ``out`` ``(N, mc)``."""
+    return torch.addmm(bs[:, None], as_, nodes_t, out=out)
+
+
+def _node_sums(data: FusedData, base, a, nodes, keep: bool):
+    """``S (G, M)`` and, if ``keep``, the list of kept derivative chunks ``(m0, m1, r)``."""
+    ker = data.kernel
+    bs, as_ = ker.prepare(base, a, float(nodes.abs().max()) if nodes.numel() else 0.0)
+    n_nodes = nodes.shape[0]
+    out = torch.empty(data.g.n, n_nodes, dtype=base.dtype, device=base.device)
+    kept = []
+    for k, (m0, m1) in enumerate(data.chunks(n_nodes)):
+        t = data.buffer(("t", m1 - m0), (base.shape[0], m1 - m0), base)
+        _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
+        r = data.buffer(("r", k), (base.shape[0], m1 - m0), base) if keep else None
+        csr, lf = ker.apply(t, r)
+        out[:, m0:m1] = csr @ lf
+        if keep:
+            kept.append((m0, m1, r))
+    if ker.const is not None:
+        out += ker.const[:, None]
+    return out, kept
+
+
+def _weighted_derivative(data: FusedData, base, a, nodes, prob, kept):
+    r""":math:`\sum_m P_{g(i)m} r_{im}` ``(N,)`` and :math:`\sum_m P_{g(i)m} r_{im} z_m` ``(N, q)``."""
+    ker = data.kernel
+    n_rows, q = base.shape[0], nodes.shape[1]
+    pg = prob.index_select(0, data.g.index)  # (N, M)
+    if not kept:  # recompute the derivative chunk by chunk
+        bs, as_ = ker.prepare(base, a, float(nodes.abs().max()) if nodes.numel() else 0.0)
+        for m0, m1 in data.chunks(nodes.shape[0]):
+            t = data.buffer(("t", m1 - m0), (n_rows, m1 - m0), base)
+            _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
+            r = torch.empty_like(t)
+            ker.apply(t, r)
+            kept.append((m0, m1, r))
+    rho = torch.zeros(n_rows, dtype=base.dtype, device=base.device)
+    kap = torch.zeros(n_rows, q, dtype=base.dtype, device=base.device)
+    for m0, m1, r in kept:
+        r.mul_(pg[:, m0:m1])
+        rho.addmv_(r, data.ones(m1 - m0, r))
+        kap.addmm_(r, nodes[m0:m1])
+    return rho, kap
+
+
+def _chol_adjoint(l_fac: torch.Tensor, g_l: torch.Tensor) -> torch.Tensor:
+    r"""Adjoint of :math:`H\mapsto L=\operatorname{chol}(H)`: :math:`L^{-\top}\Phi(L^\top G_L)L^{-1}`, ``(G, q, q)``."""
+    x = torch.tril(l_fac.transpose(-1, -2) @ g_l)
+    s = 0.5 * (x + torch.tril(x, -1).transpose(-1, -2))
+    left = torch.linalg.solve_triangular(l_fac.transpose(-1, -2), s, upper=True)
+    return torch.linalg.solve_triangular(l_fac, left, upper=False, left=False)
+
+
+class _FusedAGQ2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, eta0, zl, module):
+        fam, data, w2 = module.family, module._fused_data(), module.w2
+        y, w1, g = data.y, data.w1, data.g
+        q = zl.shape[1]
+        last = {}
+        u_hat, it, ok, at_mode = newton_modes_2(fam, y, w1, g, eta0, zl, module.u2, None, module.mode_tol,
+                                                module.mode_max_iter, last=last)
+        module.mode_iterations = it
+        warn_modes(ok, it)
+        if at_mode is None:  # stopped on the objective: derivatives at the mode
+            eta_hat = linear_predictor(eta0, [(zl, u_hat, g)])
+            d1, _, curv = fam.derivs(y, eta_hat, None)
+            at_mode = (eta_hat, d1, curv)
+        eta_hat, d1, curv = at_mode
+        if "grad" in last:
+            gamma, chol_obs = last["grad"], last["chol"]
+        else:
+            gamma = g.sum((w1 * d1)[:, None] * zl) - u_hat
+            eye = torch.eye(q, dtype=zl.dtype, device=zl.device)
+            chol_obs = chol(weighted_outer(w1 * curv, zl, zl, g) + eye)
+        delta = chol_solve(chol_obs, gamma[:, :, None])[:, :, 0]
+        u_star = u_hat + delta
+        eta_star = linear_predictor(eta_hat, [(zl, delta, g)])
+        fw, dfw = data.fisher(fam, eta_star)
+        if q == 1:
+            l_fac = chol((g.sum(w1 * fw * zl[:, 0] * zl[:, 0]) + 1.0)[:, None, None])
+            a = zl * (1.0 / l_fac[:, 0, 0]).index_select(0, g.index)[:, None]  # M zl per row
+        else:
+            eye = torch.eye(q, dtype=zl.dtype, device=zl.device)
+            l_fac = chol(weighted_outer(w1 * fw, zl, zl, g) + eye)
+            a = lower_solve(l_fac.index_select(0, g.index), zl[:, :, None])[:, :, 0]
+        module.u2 = u_star
+        nodes = module.nodes2
+        offsets = _upper_solve_nodes(l_fac, nodes)  # (G, M, q) = M^T z_m
+        centred = u_star[:, None, :] + offsets
+        prior = -0.5 * (centred * centred).sum(-1)
+        need_grad = any(ctx.needs_input_grad[:2])
+        n_elems = zl.shape[0] * nodes.shape[0]
+        keep = need_grad and n_elems <= data.save_elems
+        sums, kept = _node_sums(data, eta_star, a, nodes, keep)
+        total = module.lwn2 + prior + sums
+        lse = torch.logsumexp(total, dim=1)
+        log_det = torch.log(torch.diagonal(l_fac, dim1=-2, dim2=-1)).sum(-1)
+        ell = w2 * (lse - log_det)
+        if not need_grad:
+            return ell
+        prob = torch.exp(total - lse[:, None])  # (G, M)
+        rho_r, kap_r = _weighted_derivative(data, eta_star, a, nodes, prob, kept)
+        ker = data.kernel
+        zbar = prob @ nodes  # (G, q)
+        rho = rho_r.mul_(ker.alpha)
+        kap = kap_r.mul_(ker.alpha[:, None])
+        if ker.beta is not None:
+            rho.add_(ker.beta)
+            kap.addcmul_(ker.beta[:, None], zbar.index_select(0, g.index))
+        args = (data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes)
+        g_rows = _rows_scalar(*args) if q == 1 else _gradient_rows(*args)
+        ctx.save_for_backward(*g_rows, w2)
+        ctx.g = g
+        return ell
+
+    @staticmethod
+    def backward(ctx, grad_ell):
+        j0, jz, w2 = ctx.saved_tensors
+        scale = (grad_ell * w2).index_select(0, ctx.g.index)
+        return scale * j0, scale[:, None] * jz, None
+
+
+def _upper_solve_nodes(l_fac, nodes):
+    from .agq import _upper_solve_nodes as solve
+
+    return solve(l_fac, nodes)
+
+
+def _rows_scalar(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes):
+    """:func:`_gradient_rows` for one random effect per group, with few row-sized operations."""
+    g, w1 = data.g, data.w1
+    gidx = g.index
+    l1, m1, z = l_fac[:, 0, 0], 1.0 / l_fac[:, 0, 0], zl[:, 0]
+    us, uh, zb = u_star[:, 0], u_hat[:, 0], zbar[:, 0]
+    zs = prob @ (nodes[:, 0] * nodes[:, 0])  # (G,)
+    wz = w1 * z
+    wk = w1 * kap[:, 0]
+    g_m = g.sum(wk * z) - zb * us - zs * m1
+    g_h = (-m1 * g_m * m1 - m1) / (2.0 * l1)  # adjoint of H through L = sqrt(H) and M = 1/L
+    ghr = g_h.index_select(0, gidx)
+    e = torch.addcmul(w1 * rho, wz * z * dfw, ghr)
+    g_u = g.sum(e * z) - us - m1 * zb
+    gam = (g_u / (chol_obs[:, 0, 0] * chol_obs[:, 0, 0])).index_select(0, gidx)
+    c = (wz * curv).mul_(gam).neg_()
+    jz = wk.mul_(m1.index_select(0, gidx))
+    jz.addcmul_(wz * fw, ghr, value=2.0)
+    jz.addcmul_(e, us.index_select(0, gidx))
+    jz.addcmul_(w1 * d1, gam)
+    jz.addcmul_(c, uh.index_select(0, gidx))
+    return e.add_(c), jz[:, None]
+
+
+def _gradient_rows(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes):
+    """Per-row :math:`(J^0, J^z)` of the module docstring, without the factor :math:`w^{(2)}`."""
+    g, w1 = data.g, data.w1
+    gidx = g.index
+    q = zl.shape[1]
+    m_inv = torch.linalg.solve_triangular(l_fac, torch.eye(q, dtype=zl.dtype, device=zl.device).expand_as(l_fac),
+                                          upper=False)  # M = L^{-1}
+    m_t = m_inv.transpose(-1, -2)
+    zs = torch.einsum("gm,mr,ms->grs", prob, nodes, nodes)
+    k_mat = weighted_outer(w1, kap, zl, g)  # sum_i w_i kappa_i zl_i^T
+    g_m = k_mat - zbar[:, :, None] * u_star[:, None, :] - zs @ m_inv
+    g_l = -(m_t @ g_m @ m_t) - m_t
+    g_h = _chol_adjoint(l_fac, g_l)  # (G, q, q), symmetric
+    g_hr = g_h.index_select(0, gidx)  # (N, q, q)
+    hz = (g_hr @ zl[:, :, None])[:, :, 0]  # (N, q)
+    e = w1 * (rho + dfw * (zl * hz).sum(-1))
+    g_u = g.sum(e[:, None] * zl) - u_star - (m_t @ zbar[:, :, None])[:, :, 0]
+    gam = g.gather(chol_solve(chol_obs, g_u[:, :, None])[:, :, 0])  # (N, q)
+    c = -w1 * curv * (zl * gam).sum(-1)
+    mt_k = (m_t.index_select(0, gidx) @ kap[:, :, None])[:, :, 0]
+    jz = (w1[:, None] * mt_k + (2.0 * w1 * fw)[:, None] * hz + e[:, None] * g.gather(u_star)
+          + (w1 * d1)[:, None] * gam + c[:, None] * g.gather(u_hat))
+    return e + c, jz
+
+
+def fused_forward2(module, eta0: torch.Tensor, zl: torch.Tensor) -> torch.Tensor:
+    """``(G,)`` contributions of the two-level module through :class:`_FusedAGQ2`."""
+    return _FusedAGQ2.apply(eta0, zl, module)

@@ -1,0 +1,127 @@
+r"""Node kernels of canonical links: :math:`\log f` and its derivative over an ``(N, m)`` chunk at once.
+
+The two-level node pass evaluates :math:`\log f(y_i\mid\eta_{im})` and
+:math:`\partial_\eta\log f(y_i\mid\eta_{im})` for every row :math:`i` and node :math:`m`. For the
+canonical links of the built-in families both come from one transcendental pass each, with the
+linear predictor written in place:
+
+* Bernoulli, logit: with :math:`s_i = 2y_i-1` and :math:`t = s\eta`,
+  :math:`\log f = \log\sigma(t)`, :math:`\partial_\eta\log f = s\,(1-\sigma(t))`;
+* Poisson, log: with :math:`\eta` clamped to :math:`[-700, 700]` (as :class:`~torchmix.links.LogLink`),
+  :math:`\log f = y\eta - e^{\eta} - \log\Gamma(y+1)`, :math:`\partial_\eta\log f = y - e^{\eta}`.
+
+A kernel describes the derivative as :math:`\partial_\eta\log f_{im} = \alpha_i r_{im} + \beta_i`
+with a per-element :math:`r` it keeps and per-row :math:`\alpha, \beta`, and the weighted group sums as
+one sparse matrix times the in-place :math:`\log f` chunk plus a per-group constant.
+:func:`canonical_kernel` returns None for any other family or link (also for user subclasses, whose
+:meth:`logf` may differ), which then go through the generic path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .segments import Grouping
+
+__all__ = ["canonical_kernel", "LogitKernel", "PoissonLogKernel"]
+
+_ETA_CLAMP = 700.0
+
+
+def _numpy_ok(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float64, torch.float32)
+               and not t.requires_grad for t in tensors)
+
+
+def log_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out <- log(x)``. On CPU through NumPy's vectorised ``log``, about 2.5 times faster than torch's
+    for float64 (both within an ulp or two of the exact value)."""
+    if _numpy_ok(x, out):
+        np.log(x.numpy(), out=out.numpy())
+        return out
+    return torch.log(x, out=out)
+
+
+def exp_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out <- exp(x)``, through NumPy on CPU as :func:`log_into`."""
+    if _numpy_ok(x, out):
+        np.exp(x.numpy(), out=out.numpy())
+        return out
+    return torch.exp(x, out=out)
+
+
+class LogitKernel:
+    r"""Bernoulli response, logit link, with :math:`t = (2y-1)\eta`: :math:`\log f = \log\sigma(t)`.
+
+    The kept element is :math:`p = \sigma(t)`, the probability of the observed response, so that
+    :math:`\partial_\eta\log f = (2y-1)(1-p)`: :math:`\alpha = -(2y-1)`, :math:`\beta = 2y-1`. While
+    :math:`|t| \le 700` (checked per evaluation from the row pieces) :math:`\log f = \log p` costs one
+    ``sigmoid`` and one ``log``; beyond, where :math:`\sigma` would underflow, it is
+    :math:`-\operatorname{softplus}(-t)`.
+    """
+
+    def __init__(self, y: torch.Tensor, w1: torch.Tensor, g: Grouping):
+        self.sign = 2.0 * y - 1.0
+        self.alpha = -self.sign
+        self.beta = self.sign
+        self.csr = g.matrix(w1)
+        self.csr_neg = g.matrix(-w1)
+        self.const = None
+        self.direct = True
+
+    def prepare(self, base: torch.Tensor, a: torch.Tensor, zmax: float):
+        """Row pieces of the chunk argument :math:`t = s b + (s a) z`; decides the evaluation of the log."""
+        bs, as_ = self.sign * base, self.sign[:, None] * a
+        bound = base.abs().add_(a.abs().sum(1), alpha=zmax).max() if base.numel() else base.new_zeros(())
+        self.direct = bool(bound <= _ETA_CLAMP)
+        return bs, as_
+
+    @staticmethod
+    def fisher(eta: torch.Tensor):
+        r""":math:`W = \mu(1-\mu)` and :math:`W' = W(1-2\mu)`, computed as the family computes them."""
+        mu = torch.sigmoid(eta)
+        w = torch.sigmoid(-eta) * mu
+        return w, w * (1.0 - 2.0 * mu)
+
+    def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
+        """``keep`` <- :math:`\sigma(t)`; returns the sparse weight matrix and ``t`` overwritten so that their
+        product is :math:`\sum_i w_i\log f`."""
+        p = torch.sigmoid(t, out=keep) if keep is not None else None
+        if self.direct:
+            return self.csr, log_into(p if p is not None else torch.sigmoid(t), t)
+        return self.csr_neg, torch.ops.aten.softplus.out(t.neg_(), 1, 20, out=t)
+
+
+class PoissonLogKernel:
+    r"""Poisson response, log link: :math:`r = e^{\eta}`, :math:`\alpha = -1`, :math:`\beta = y`."""
+
+    def __init__(self, y: torch.Tensor, w1: torch.Tensor, g: Grouping):
+        self.y = y
+        self.alpha = -torch.ones_like(y)
+        self.beta = y
+        self.csr = g.matrix(w1)
+        self.const = -g.sum(w1 * torch.lgamma(y + 1.0))  # (G,)
+
+    def prepare(self, base: torch.Tensor, a: torch.Tensor, zmax: float):
+        return base, a
+
+    def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
+        """``keep`` <- :math:`e^{\\eta}`; ``t`` <- :math:`y\\eta - e^{\\eta}` in place (clamped :math:`\\eta`)."""
+        t.clamp_(-_ETA_CLAMP, _ETA_CLAMP)
+        mu = exp_into(t, keep if keep is not None else torch.empty_like(t))
+        return self.csr, t.mul_(self.y[:, None]).sub_(mu)
+
+
+def canonical_kernel(family):
+    """The kernel class for ``family`` if it is a built-in family with its canonical link, else None."""
+    from ..families import Binomial, Poisson
+    from ..links import LogitLink, LogLink
+
+    if type(family) is Binomial and type(family.link) is LogitLink:
+        return LogitKernel
+    if type(family) is Poisson and type(family.link) is LogLink:
+        return PoissonLogKernel
+    return None
