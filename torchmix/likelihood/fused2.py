@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from .modes import chol, chol_solve, linear_predictor, lower_solve, newton_modes_2, warn_modes, weighted_outer
+from .modes import (TRUST_STEP, chol, chol_solve, linear_predictor, lower_solve, newton_modes_2, warn_modes,
+                    weighted_outer)
 from .segments import Grouping
 
 __all__ = ["FusedData", "fused_forward2"]
@@ -129,6 +130,67 @@ def _chol_adjoint(l_fac: torch.Tensor, g_l: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(l_fac, left, upper=False, left=False)
 
 
+class _RowPieces:
+    r"""Row pieces fixed within an evaluation: :math:`w_i\tilde z_i` ``(N, q)``, :math:`w_i\tilde z_i\tilde z_i^\top`
+    ``(N, q*q)`` and, for one random effect, their sparse group-sum matrices."""
+
+    def __init__(self, data: FusedData, zl: torch.Tensor):
+        g, q, n_rows = data.g, zl.shape[1], zl.shape[0]
+        self.wz = data.w1[:, None] * zl
+        self.wzz = (self.wz[:, :, None] * zl[:, None, :]).reshape(n_rows, q * q)
+        if q == 1:
+            self.m_wz, self.m_wzz = g.matrix(self.wz[:, 0]), g.matrix(self.wzz[:, 0])
+
+
+def _modes(data: FusedData, family, eta0, zl, u0, tol: float, max_iter: int, last: dict, pieces: _RowPieces):
+    r"""The iterations of :func:`~torchmix.likelihood.modes.newton_modes_2` with the kernel's derivatives.
+
+    Both kernels have :math:`\partial_\eta\log f = y-\mu`, so the gradient sums are
+    :math:`\sum_i w_i y_i\tilde z_i - \sum_i w_i\mu_i\tilde z_i - u` with the first term fixed: an iteration is
+    one ``sigmoid``/``exp`` and, for one random effect, two sparse matrix-vector products. While every active
+    Newton step is at most ``TRUST_STEP`` (a warm start) full steps are taken; otherwise the generic
+    iterations (step halving on the objective) continue from the current point. Same stopping rule and
+    returns as :func:`~torchmix.likelihood.modes.newton_modes_2`.
+    """
+    g, ker, y = data.g, data.kernel, data.y
+    q, n, n_rows = zl.shape[1], g.n, zl.shape[0]
+    wz, wzz = pieces.wz, pieces.wzz
+    if q == 1:
+        m_wz, m_wzz = pieces.m_wz, pieces.m_wzz
+        fixed = (m_wz @ y)[:, None]
+    else:
+        rows = data.buffer("newton", (n_rows, q + q * q), zl)
+        fixed = g.sum(wz * y[:, None])
+    eye = torch.eye(q, dtype=zl.dtype, device=zl.device)
+    u = u0.detach().clone()
+    active = torch.ones(n, dtype=torch.bool, device=u.device)
+    for it in range(1, max_iter + 1):
+        eta = linear_predictor(eta0, [(zl, u, g)])
+        mu, curv = ker.mean_curv(eta)
+        if q == 1:
+            grad = fixed - (m_wz @ mu)[:, None] - u
+            hess = (m_wzz @ curv)[:, None, None] + eye
+        else:
+            torch.mul(wz, mu[:, None], out=rows[:, :q])
+            torch.mul(wzz, curv[:, None], out=rows[:, q:])
+            sums = g.sum(rows)
+            grad = fixed - sums[:, :q] - u
+            hess = sums[:, q:].reshape(n, q, q) + eye
+        factor = chol(hess)
+        step = chol_solve(factor, grad[:, :, None])[:, :, 0]
+        size = step.abs().amax(-1)
+        active = active & ~(size < tol)
+        if not bool(active.any()):
+            last.update(grad=grad, chol=factor)
+            return u, it, True, (eta, y - mu, curv)
+        if not bool(torch.where(active, size, 0.0).max() <= TRUST_STEP):
+            u, more, ok, at_mode = newton_modes_2(family, y, data.w1, g, eta0, zl, u, None, tol, max_iter - it,
+                                                  last=last)
+            return u, it + more, ok, at_mode
+        u = u + torch.where(active[:, None], step, torch.zeros_like(step))
+    return u, max_iter, False, None
+
+
 class _FusedAGQ2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta0, zl, module):
@@ -136,8 +198,9 @@ class _FusedAGQ2(torch.autograd.Function):
         y, w1, g = data.y, data.w1, data.g
         q = zl.shape[1]
         last = {}
-        u_hat, it, ok, at_mode = newton_modes_2(fam, y, w1, g, eta0, zl, module.u2, None, module.mode_tol,
-                                                module.mode_max_iter, last=last)
+        pieces = _RowPieces(data, zl)
+        u_hat, it, ok, at_mode = _modes(data, fam, eta0, zl, module.u2, module.mode_tol, module.mode_max_iter, last,
+                                        pieces)
         module.mode_iterations = it
         warn_modes(ok, it)
         if at_mode is None:  # stopped on the objective: derivatives at the mode
@@ -156,7 +219,7 @@ class _FusedAGQ2(torch.autograd.Function):
         eta_star = linear_predictor(eta_hat, [(zl, delta, g)])
         fw, dfw = data.fisher(fam, eta_star)
         if q == 1:
-            l_fac = chol((g.sum(w1 * fw * zl[:, 0] * zl[:, 0]) + 1.0)[:, None, None])
+            l_fac = chol((pieces.m_wzz @ fw + 1.0)[:, None, None])
             a = zl * (1.0 / l_fac[:, 0, 0]).index_select(0, g.index)[:, None]  # M zl per row
         else:
             eye = torch.eye(q, dtype=zl.dtype, device=zl.device)
@@ -187,7 +250,7 @@ class _FusedAGQ2(torch.autograd.Function):
             rho.add_(ker.beta)
             kap.addcmul_(ker.beta[:, None], zbar.index_select(0, g.index))
         args = (data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes)
-        g_rows = _rows_scalar(*args) if q == 1 else _gradient_rows(*args)
+        g_rows = _rows_scalar(*args, pieces) if q == 1 else _gradient_rows(*args)
         ctx.save_for_backward(*g_rows, w2)
         ctx.g = g
         return ell
@@ -205,19 +268,20 @@ def _upper_solve_nodes(l_fac, nodes):
     return solve(l_fac, nodes)
 
 
-def _rows_scalar(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes):
+def _rows_scalar(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes,
+                 pieces):
     """:func:`_gradient_rows` for one random effect per group, with few row-sized operations."""
     g, w1 = data.g, data.w1
     gidx = g.index
     l1, m1, z = l_fac[:, 0, 0], 1.0 / l_fac[:, 0, 0], zl[:, 0]
     us, uh, zb = u_star[:, 0], u_hat[:, 0], zbar[:, 0]
     zs = prob @ (nodes[:, 0] * nodes[:, 0])  # (G,)
-    wz = w1 * z
-    wk = w1 * kap[:, 0]
-    g_m = g.sum(wk * z) - zb * us - zs * m1
+    wz = pieces.wz[:, 0]
+    g_m = pieces.m_wz @ kap[:, 0] - zb * us - zs * m1
     g_h = (-m1 * g_m * m1 - m1) / (2.0 * l1)  # adjoint of H through L = sqrt(H) and M = 1/L
     ghr = g_h.index_select(0, gidx)
-    e = torch.addcmul(w1 * rho, wz * z * dfw, ghr)
+    e = torch.addcmul(w1 * rho, pieces.wzz[:, 0] * dfw, ghr)
+    wk = w1 * kap[:, 0]
     g_u = g.sum(e * z) - us - m1 * zb
     gam = (g_u / (chol_obs[:, 0, 0] * chol_obs[:, 0, 0])).index_select(0, gidx)
     c = (wz * curv).mul_(gam).neg_()

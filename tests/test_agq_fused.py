@@ -1,0 +1,103 @@
+"""The canonical-link fast path of the AGQ module equals the generic path (value and gradient)."""
+
+import pytest
+import torch
+
+from glmm_support import frame_tensors, simulate
+from torchmix.covariance import lambda_from_theta
+from torchmix.families import Binomial, get_family
+from torchmix.likelihood.agq import AGQLogLik
+from torchmix.likelihood.kernels import canonical_kernel
+
+F64 = torch.float64
+
+
+def t(*v):
+    return torch.tensor(v, dtype=F64)
+
+
+def _case(fam_name, levels, slope, seed=21):
+    df = simulate(fam_name, seed=seed, levels=levels, slope=slope, n_top=9)
+    df["c1"] = df["c1"] * 0.73 + 0.1  # non-integer weights
+    return frame_tensors(df, levels=levels, slope=slope)
+
+
+def _lambdas(levels, slope):
+    lam2 = lambda_from_theta(t(0.9, 0.3, 0.5), (2,)) if slope else t(1.2).reshape(1, 1)
+    return [lam2] + ([t(0.7).reshape(1, 1)] if levels == 3 else [])
+
+
+def _value_and_grad(tens, fam, n_quad, beta, lams, fast, **kw):
+    mod = AGQLogLik(tens, fam, n_quad, fast=fast, **kw)
+    b = beta.clone().requires_grad_(True)
+    ls = [lam.clone().requires_grad_(True) for lam in lams]
+    mod.loglik(b, ls)  # a first call moves the warm start, as inside a fit
+    ell = mod.loglik(b, ls)
+    upstream = torch.linspace(0.5, 1.5, ell.shape[0], dtype=F64)
+    grads = torch.autograd.grad((ell * upstream).sum(), [b] + ls)
+    return ell.detach(), grads, mod
+
+
+def _assert_same(fast, slow, rtol=1e-12):
+    (v1, g1, _), (v2, g2, _) = fast, slow
+    torch.testing.assert_close(v1, v2, rtol=rtol, atol=rtol * float(v2.abs().max()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("fam_name", ["binomial", "poisson"])
+@pytest.mark.parametrize("levels", [2, 3])
+@pytest.mark.parametrize("slope", [False, True])
+def test_fast_path_equals_generic(fam_name, levels, slope):
+    tens = _case(fam_name, levels, slope)
+    fam = get_family(fam_name)
+    beta, lams = t(0.1, 0.4), _lambdas(levels, slope)
+    for n_quad in (1, 7):
+        fast = _value_and_grad(tens, fam, n_quad, beta, lams, True)
+        slow = _value_and_grad(tens, fam, n_quad, beta, lams, False)
+        assert (fast[2]._kernel is not None) == (levels == 2)
+        assert slow[2]._kernel is None
+        _assert_same(fast, slow)
+        torch.testing.assert_close(fast[2].modes[0], slow[2].modes[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fam_name", ["binomial", "poisson"])
+def test_fast_path_top_scores_equal_generic(fam_name):
+    tens = _case(fam_name, 2, True, seed=4)
+    fam = get_family(fam_name)
+    beta, lams = t(-0.2, 0.5), _lambdas(2, True)
+    out = [AGQLogLik(tens, fam, 5, fast=fast).top_scores(beta, lams) for fast in (True, False)]
+    for a, b in zip(out[0][:2] + tuple(out[0][2]), out[1][:2] + tuple(out[1][2])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+def test_fast_path_recomputes_derivative_when_memory_is_bounded():
+    """Above ``max_chunk_elems`` the node derivative is recomputed instead of kept: same result."""
+    tens = _case("binomial", 2, True, seed=8)
+    fam = get_family("binomial")
+    beta, lams = t(0.3, -0.2), _lambdas(2, True)
+    small = _value_and_grad(tens, fam, 7, beta, lams, True, max_chunk_elems=64)
+    _assert_same(small, _value_and_grad(tens, fam, 7, beta, lams, False))
+
+
+def test_fast_path_far_in_the_tails():
+    """Linear predictors beyond 700, where sigmoid underflows, go through softplus: still equal."""
+    tens = _case("binomial", 2, False, seed=9)
+    fam = get_family("binomial")
+    beta, lams = t(2.0, 300.0), _lambdas(2, False)
+    fast = _value_and_grad(tens, fam, 5, beta, lams, True)
+    assert bool(torch.isfinite(fast[0]).all())
+    assert float(fast[2]._fused.kernel.direct) == 0.0  # the guarded branch was taken
+    _assert_same(fast, _value_and_grad(tens, fam, 5, beta, lams, False), rtol=1e-10)
+
+
+def test_only_builtin_canonical_families_take_the_fast_path():
+    class MyBinomial(Binomial):  # a user subclass may redefine logf: generic path
+        pass
+
+    assert canonical_kernel(get_family("binomial")) is not None
+    assert canonical_kernel(get_family("poisson")) is not None
+    assert canonical_kernel(get_family("binomial", "probit")) is None
+    assert canonical_kernel(get_family("poisson", "identity")) is None
+    assert canonical_kernel(MyBinomial()) is None
+    assert canonical_kernel(get_family("gaussian")) is None
