@@ -50,6 +50,19 @@ class FusedData:
         self.y, self.w1, self.g = y, w1, g
         self.chunk_elems, self.save_elems = int(chunk_elems), int(save_elems)
         self._bufs = {}
+        ker = self.kernel
+        self.w_alpha = w1 * ker.alpha
+        self.w_beta = None if ker.beta is None else w1 * ker.beta
+
+    def weighted_rows(self, rho_r, kap_r, zbar):
+        r""":math:`w_i\rho_i` ``(N,)`` and :math:`w_i\kappa_i` ``(N, q)`` from the kernel's
+        :math:`\sum_m P_m r_{im}` and :math:`\sum_m P_m r_{im} z_m`, with
+        :math:`\partial_\eta\log f = \alpha r + \beta` and :math:`\sum_m P_m = 1`."""
+        kap = kap_r.mul_(self.w_alpha[:, None])
+        if self.w_beta is None:
+            return rho_r.mul_(self.w_alpha), kap
+        kap.addcmul_(self.w_beta[:, None], zbar.index_select(0, self.g.index))
+        return torch.addcmul(self.w_beta, self.w_alpha, rho_r), kap
 
     def buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         buf = self._bufs.get(key)
@@ -113,12 +126,14 @@ def _weighted_derivative(data: FusedData, base, a, nodes, prob, kept):
             r = torch.empty_like(t)
             ker.apply(t, r)
             kept.append((m0, m1, r))
-    rho = torch.zeros(n_rows, dtype=base.dtype, device=base.device)
-    kap = torch.zeros(n_rows, q, dtype=base.dtype, device=base.device)
+    rho = kap = None
     for m0, m1, r in kept:
         r.mul_(pg[:, m0:m1])
-        rho.addmv_(r, data.ones(m1 - m0, r))
-        kap.addmm_(r, nodes[m0:m1])
+        if rho is None:
+            rho, kap = torch.mv(r, data.ones(m1 - m0, r)), r @ nodes[m0:m1]
+        else:
+            rho.addmv_(r, data.ones(m1 - m0, r))
+            kap.addmm_(r, nodes[m0:m1])
     return rho, kap
 
 
@@ -242,13 +257,8 @@ class _FusedAGQ2(torch.autograd.Function):
             return ell
         prob = torch.exp(total - lse[:, None])  # (G, M)
         rho_r, kap_r = _weighted_derivative(data, eta_star, a, nodes, prob, kept)
-        ker = data.kernel
         zbar = prob @ nodes  # (G, q)
-        rho = rho_r.mul_(ker.alpha)
-        kap = kap_r.mul_(ker.alpha[:, None])
-        if ker.beta is not None:
-            rho.add_(ker.beta)
-            kap.addcmul_(ker.beta[:, None], zbar.index_select(0, g.index))
+        rho, kap = data.weighted_rows(rho_r, kap_r, zbar)  # w_i rho_i, w_i kappa_i
         args = (data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes)
         g_rows = _rows_scalar(*args, pieces) if q == 1 else _gradient_rows(*args)
         ctx.save_for_backward(*g_rows, w2)
@@ -268,7 +278,7 @@ def _upper_solve_nodes(l_fac, nodes):
     return solve(l_fac, nodes)
 
 
-def _rows_scalar(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes,
+def _rows_scalar(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, w_rho, w_kap, prob, zbar, nodes,
                  pieces):
     """:func:`_gradient_rows` for one random effect per group, with few row-sized operations."""
     g, w1 = data.g, data.w1
@@ -276,24 +286,24 @@ def _rows_scalar(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rh
     l1, m1, z = l_fac[:, 0, 0], 1.0 / l_fac[:, 0, 0], zl[:, 0]
     us, uh, zb = u_star[:, 0], u_hat[:, 0], zbar[:, 0]
     zs = prob @ (nodes[:, 0] * nodes[:, 0])  # (G,)
-    wz = pieces.wz[:, 0]
-    g_m = pieces.m_wz @ kap[:, 0] - zb * us - zs * m1
+    wz, w_kap = pieces.wz[:, 0], w_kap[:, 0]
+    m_z = g.matrix(z)
+    g_m = m_z @ w_kap - zb * us - zs * m1
     g_h = (-m1 * g_m * m1 - m1) / (2.0 * l1)  # adjoint of H through L = sqrt(H) and M = 1/L
     ghr = g_h.index_select(0, gidx)
-    e = torch.addcmul(w1 * rho, pieces.wzz[:, 0] * dfw, ghr)
-    wk = w1 * kap[:, 0]
-    g_u = g.sum(e * z) - us - m1 * zb
+    e = torch.addcmul(w_rho, pieces.wzz[:, 0] * dfw, ghr)
+    g_u = m_z @ e - us - m1 * zb
     gam = (g_u / (chol_obs[:, 0, 0] * chol_obs[:, 0, 0])).index_select(0, gidx)
-    c = (wz * curv).mul_(gam).neg_()
-    jz = wk.mul_(m1.index_select(0, gidx))
+    wzc = wz * curv
+    jz = w_kap.mul_(m1.index_select(0, gidx))
     jz.addcmul_(wz * fw, ghr, value=2.0)
     jz.addcmul_(e, us.index_select(0, gidx))
-    jz.addcmul_(w1 * d1, gam)
-    jz.addcmul_(c, uh.index_select(0, gidx))
-    return e.add_(c), jz[:, None]
+    mode_part = (w1 * d1).addcmul_(wzc, uh.index_select(0, gidx), value=-1.0)
+    jz.addcmul_(mode_part, gam)
+    return e.addcmul_(wzc, gam, value=-1.0), jz[:, None]
 
 
-def _gradient_rows(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes):
+def _gradient_rows(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, w_rho, w_kap, prob, zbar, nodes):
     """Per-row :math:`(J^0, J^z)` of the module docstring, without the factor :math:`w^{(2)}`."""
     g, w1 = data.g, data.w1
     gidx = g.index
@@ -302,18 +312,18 @@ def _gradient_rows(data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, 
                                           upper=False)  # M = L^{-1}
     m_t = m_inv.transpose(-1, -2)
     zs = torch.einsum("gm,mr,ms->grs", prob, nodes, nodes)
-    k_mat = weighted_outer(w1, kap, zl, g)  # sum_i w_i kappa_i zl_i^T
+    k_mat = g.sum(w_kap[:, :, None] * zl[:, None, :])  # sum_i w_i kappa_i zl_i^T
     g_m = k_mat - zbar[:, :, None] * u_star[:, None, :] - zs @ m_inv
     g_l = -(m_t @ g_m @ m_t) - m_t
     g_h = _chol_adjoint(l_fac, g_l)  # (G, q, q), symmetric
     g_hr = g_h.index_select(0, gidx)  # (N, q, q)
     hz = (g_hr @ zl[:, :, None])[:, :, 0]  # (N, q)
-    e = w1 * (rho + dfw * (zl * hz).sum(-1))
+    e = w_rho + w1 * dfw * (zl * hz).sum(-1)
     g_u = g.sum(e[:, None] * zl) - u_star - (m_t @ zbar[:, :, None])[:, :, 0]
     gam = g.gather(chol_solve(chol_obs, g_u[:, :, None])[:, :, 0])  # (N, q)
     c = -w1 * curv * (zl * gam).sum(-1)
-    mt_k = (m_t.index_select(0, gidx) @ kap[:, :, None])[:, :, 0]
-    jz = (w1[:, None] * mt_k + (2.0 * w1 * fw)[:, None] * hz + e[:, None] * g.gather(u_star)
+    mt_k = (m_t.index_select(0, gidx) @ w_kap[:, :, None])[:, :, 0]
+    jz = (mt_k + (2.0 * w1 * fw)[:, None] * hz + e[:, None] * g.gather(u_star)
           + (w1 * d1)[:, None] * gam + c[:, None] * g.gather(u_hat))
     return e + c, jz
 
