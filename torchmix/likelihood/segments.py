@@ -32,6 +32,7 @@ class Grouping:
         self.n = int(n)
         self.size = int(index.shape[0])
         self.perm = torch.argsort(index, stable=True)
+        self.in_order = bool(torch.equal(self.perm, torch.arange(self.size, device=index.device)))
         crow = torch.zeros(self.n + 1, dtype=torch.int64, device=index.device)
         crow[1:] = torch.bincount(index, minlength=self.n).cumsum(0)
         self.crow = crow
@@ -41,8 +42,9 @@ class Grouping:
         """The ``(n, N)`` CSR matrix with entry ``row_values[i]`` at ``(index[i], i)``."""
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.perm, row_values[self.perm].contiguous(),
-                                           size=(self.n, self.size), check_invariants=False)
+            values = row_values.contiguous() if self.in_order else row_values.index_select(0, self.perm)
+            return torch.sparse_csr_tensor(self.crow, self.perm, values, size=(self.n, self.size),
+                                           check_invariants=False)
 
     def ones(self, dtype: torch.dtype) -> torch.Tensor:
         key = (dtype, self.index.device)
