@@ -55,6 +55,7 @@ from ..tensors import ModelTensors
 from .adapt import adapt2
 from .fused2 import FusedData, fused_forward2
 from .kernels import canonical_kernel
+from .rowlogf import row_logf_fn
 from .modes import (arrow_blocks, arrow_factor, arrow_gradients, arrow_solve, linear_predictor, lower_solve,
                     newton_modes_2, newton_modes_3, solve_upper_t, warn_modes)
 from .modes import chol as cholesky
@@ -100,8 +101,9 @@ class AGQLogLik(nn.Module):
     n_quad : Gauss-Hermite points per random effect (1 = Laplace).
     max_chunk_elems : bound on the elements of one node-pass chunk.
     mode_tol, mode_max_iter : stopping rule of the Newton iterations for the modes.
-    fast : two levels with a built-in family and its canonical link (Bernoulli-logit, Poisson-log) go
-        through the fused evaluation of :mod:`torchmix.likelihood.fused2` (same value and gradient
+    fast : with a built-in family and its canonical link (Bernoulli-logit, Poisson-log), two levels go
+        through the fused evaluation of :mod:`torchmix.likelihood.fused2` and three levels evaluate
+        :math:`\log f` at the nodes through :mod:`torchmix.likelihood.rowlogf` (same value and gradient
         to rounding); False forces the generic path.
 
     Call ``module(eta0, zls, kappa=None)`` with ``eta0 (N,)`` and ``zls`` a list (level 2 first)
@@ -125,6 +127,7 @@ class AGQLogLik(nn.Module):
         self.mode_max_iter = int(mode_max_iter)
         self.mode_iterations = 0
         self._kernel = canonical_kernel(family) if fast and n_levels == 2 else None
+        self._row_logf = row_logf_fn(family) if fast and n_levels == 3 else None
         dt, dev = tensors.X.dtype, tensors.X.device
         lv2 = tensors.levels[0]
         self.register_buffer("X", tensors.X, persistent=False)
@@ -363,6 +366,9 @@ class AGQLogLik(nn.Module):
         prior = -0.5 * ((u_star[:, None, None, :] + d) ** 2).sum(-1)  # (G2, mc, M2)
         eta = (eta_star[:, None, None] + _row_offsets(zl3, outer_c, g3)[:, :, None]
                + _row_offsets(zl2, d, g2))  # (N, mc, M2)
-        lf = self.w1[:, None, None] * self.family.logf(self.y[:, None, None], eta, kappa)
+        if self._row_logf is not None:  # canonical link: value and kept derivative in one pass
+            lf = self._row_logf(eta, self.y, self.w1)
+        else:
+            lf = self.w1[:, None, None] * self.family.logf(self.y[:, None, None], eta, kappa)
         vals = self.lwn2 + prior + self._grouping("g2").sum(lf)
         return torch.logsumexp(vals, dim=-1)
