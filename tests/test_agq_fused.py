@@ -52,7 +52,7 @@ def test_fast_path_equals_generic(fam_name, levels, slope):
     tens = _case(fam_name, levels, slope)
     fam = get_family(fam_name)
     beta, lams = t(0.1, 0.4), _lambdas(levels, slope)
-    for n_quad in (1, 5):
+    for n_quad in ((1, 5) if levels == 2 else (1, 3)):
         fast = _value_and_grad(tens, fam, n_quad, beta, lams, True)
         slow = _value_and_grad(tens, fam, n_quad, beta, lams, False)
         assert (fast[2]._kernel is not None) == (levels == 2)
