@@ -169,29 +169,22 @@ def _modes(data: FusedData, family, eta0, zl, u0, tol: float, max_iter: int, las
     """
     g, ker, y = data.g, data.kernel, data.y
     q, n, n_rows = zl.shape[1], g.n, zl.shape[0]
-    wz, wzz = pieces.wz, pieces.wzz
     if q == 1:
-        m_wz, m_wzz = pieces.m_wz, pieces.m_wzz
-        fixed = (m_wz @ y)[:, None]
-    else:
-        rows = data.buffer("newton", (n_rows, q + q * q), zl)
-        fixed = g.sum(wz * y[:, None])
+        return _modes_scalar(data, family, eta0, zl, u0, tol, max_iter, last, pieces)
+    wz, wzz = pieces.wz, pieces.wzz
+    rows = data.buffer("newton", (n_rows, q + q * q), zl)
+    fixed = g.sum(wz * y[:, None])
     eye = torch.eye(q, dtype=zl.dtype, device=zl.device)
     u = u0.detach().clone()
     active = torch.ones(n, dtype=torch.bool, device=u.device)
     for it in range(1, max_iter + 1):
         eta = linear_predictor(eta0, [(zl, u, g)])
         mu, curv = ker.mean_curv(eta)
-        if q == 1:
-            grad = fixed - (m_wz @ mu)[:, None] - u
-            hess = (m_wzz @ curv)[:, None, None] + eye
-        else:
-            torch.mul(wz, mu[:, None], out=rows[:, :q])
-            torch.mul(wzz, curv[:, None], out=rows[:, q:])
-            sums = g.sum(rows)
-            grad = fixed - sums[:, :q] - u
-            hess = sums[:, q:].reshape(n, q, q) + eye
-        factor = chol(hess)
+        torch.mul(wz, mu[:, None], out=rows[:, :q])
+        torch.mul(wzz, curv[:, None], out=rows[:, q:])
+        sums = g.sum(rows)
+        grad = fixed - sums[:, :q] - u
+        factor = chol(sums[:, q:].reshape(n, q, q) + eye)
         step = chol_solve(factor, grad[:, :, None])[:, :, 0]
         size = step.abs().amax(-1)
         active = active & ~(size < tol)
@@ -204,6 +197,37 @@ def _modes(data: FusedData, family, eta0, zl, u0, tol: float, max_iter: int, las
             return u, it + more, ok, at_mode
         u = u + torch.where(active[:, None], step, torch.zeros_like(step))
     return u, max_iter, False, None
+
+
+def _modes_scalar(data: FusedData, family, eta0, zl, u0, tol: float, max_iter: int, last: dict,
+                  pieces: _RowPieces):
+    """:func:`_modes` for one random effect per group: scalar curvature, few group-sized operations.
+
+    A non-finite curvature gives a non-finite step, which hands over to the generic iterations (whose
+    Cholesky factor reports it)."""
+    g, ker, y = data.g, data.kernel, data.y
+    z, gidx = zl[:, 0], g.index
+    m_wz, m_wzz = pieces.m_wz, pieces.m_wzz
+    fixed = m_wz @ y
+    u = u0[:, 0].detach().clone()
+    active = torch.ones(g.n, dtype=torch.bool, device=u.device)
+    for it in range(1, max_iter + 1):
+        eta = torch.addcmul(eta0, z, u.index_select(0, gidx))
+        mu, curv = ker.mean_curv(eta)
+        grad = fixed - m_wz @ mu - u
+        hess = (m_wzz @ curv).add_(1.0)
+        step = grad / hess
+        size = step.abs()
+        active &= ~(size < tol)  # a NaN step stays active
+        if not bool(active.any()):
+            last.update(grad=grad[:, None], chol=hess.sqrt_()[:, None, None])
+            return u[:, None], it, True, (eta, y - mu, curv)
+        if not bool(torch.where(active, size, 0.0).max() <= TRUST_STEP):
+            u2, more, ok, at_mode = newton_modes_2(family, y, data.w1, g, eta0, zl, u[:, None], None, tol,
+                                                   max_iter - it, last=last)
+            return u2, it + more, ok, at_mode
+        u = u + torch.where(active, step, 0.0)
+    return u[:, None], max_iter, False, None
 
 
 class _FusedAGQ2(torch.autograd.Function):
