@@ -266,14 +266,19 @@ class _FusedAGQ2(torch.autograd.Function):
             a = lower_solve(l_fac.index_select(0, g.index), zl[:, :, None])[:, :, 0]
         module.u2 = u_star
         nodes = module.nodes2
-        offsets = _upper_solve_nodes(l_fac, nodes)  # (G, M, q) = M^T z_m
-        centred = u_star[:, None, :] + offsets
-        prior = -0.5 * (centred * centred).sum(-1)
+        if q == 1:  # u* + M^T z_m, (G, M)
+            centred = torch.addcmul(u_star, (1.0 / l_fac[:, 0, 0])[:, None], nodes[:, 0])
+        else:
+            centred = u_star[:, None, :] + _upper_solve_nodes(l_fac, nodes)  # (G, M, q)
         need_grad = any(ctx.needs_input_grad[:2])
         n_elems = zl.shape[0] * nodes.shape[0]
         keep = need_grad and n_elems <= data.save_elems
         sums, kept = _node_sums(data, eta_star, a, nodes, keep)
-        total = module.lwn2 + prior + sums
+        total = sums.add_(module.lwn2)
+        if q == 1:
+            total.addcmul_(centred, centred, value=-0.5)
+        else:
+            total.add_((centred * centred).sum(-1), alpha=-0.5)
         lse = torch.logsumexp(total, dim=1)
         log_det = torch.log(torch.diagonal(l_fac, dim1=-2, dim2=-1)).sum(-1)
         ell = w2 * (lse - log_det)
