@@ -36,6 +36,10 @@ class Grouping:
         crow = torch.zeros(self.n + 1, dtype=torch.int64, device=index.device)
         crow[1:] = torch.bincount(index, minlength=self.n).cumsum(0)
         self.crow = crow
+        # 32-bit indices where they fit: the CPU sparse kernels otherwise convert them at every product
+        small = self.size < 2 ** 31 - 1
+        self._crow_idx = crow.to(torch.int32) if small else crow
+        self._col_idx = self.perm.to(torch.int32) if small else self.perm
         self._ones = {}
 
     def matrix(self, row_values: torch.Tensor) -> torch.Tensor:
@@ -43,7 +47,7 @@ class Grouping:
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             values = row_values.contiguous() if self.in_order else row_values.index_select(0, self.perm)
-            return torch.sparse_csr_tensor(self.crow, self.perm, values, size=(self.n, self.size),
+            return torch.sparse_csr_tensor(self._crow_idx, self._col_idx, values, size=(self.n, self.size),
                                            check_invariants=False)
 
     def ones(self, dtype: torch.dtype) -> torch.Tensor:
