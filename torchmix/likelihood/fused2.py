@@ -96,7 +96,7 @@ def _chunk_arg(bs, as_, nodes_t, out):
 def _node_sums(data: FusedData, base, a, nodes, keep: bool):
     """``S (G, M)`` and, if ``keep``, the list of kept derivative chunks ``(m0, m1, r)``."""
     ker = data.kernel
-    bs, as_ = ker.prepare(base, a, float(nodes.abs().max()) if nodes.numel() else 0.0)
+    bs, as_ = ker.prepare(base, a)
     n_nodes = nodes.shape[0]
     out = torch.empty(data.g.n, n_nodes, dtype=base.dtype, device=base.device)
     kept = []
@@ -105,7 +105,12 @@ def _node_sums(data: FusedData, base, a, nodes, keep: bool):
         _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
         r = data.buffer(("r", k), (base.shape[0], m1 - m0), base) if keep else None
         csr, lf = ker.apply(t, r)
-        out[:, m0:m1] = csr @ lf
+        sums = csr @ lf
+        if ker.apply_tails is not None and not bool(torch.isfinite(sums).all()):  # underflow: again, safely
+            _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
+            csr, lf = ker.apply_tails(t, r)
+            sums = csr @ lf
+        out[:, m0:m1] = sums
         if keep:
             kept.append((m0, m1, r))
     if ker.const is not None:
@@ -119,7 +124,7 @@ def _weighted_derivative(data: FusedData, base, a, nodes, prob, kept):
     n_rows, q = base.shape[0], nodes.shape[1]
     pg = prob.index_select(0, data.g.index)  # (N, M)
     if not kept:  # recompute the derivative chunk by chunk
-        bs, as_ = ker.prepare(base, a, float(nodes.abs().max()) if nodes.numel() else 0.0)
+        bs, as_ = ker.prepare(base, a)
         for m0, m1 in data.chunks(nodes.shape[0]):
             t = data.buffer(("t", m1 - m0), (n_rows, m1 - m0), base)
             _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)

@@ -36,19 +36,12 @@ def _numpy_ok(*tensors) -> bool:
                and not t.requires_grad for t in tensors)
 
 
-def _max_abs(x: torch.Tensor) -> float:
-    """:math:`\\max_i |x_i|` from one ``aminmax`` pass (0 for an empty tensor; NaN propagates)."""
-    if x.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(x)
-    return max(-float(lo), float(hi)) if not (lo != lo or hi != hi) else float("nan")
-
-
 def log_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out <- log(x)``. On CPU through NumPy's vectorised ``log``, about 2.5 times faster than torch's
     for float64 (both within an ulp or two of the exact value)."""
     if _numpy_ok(x, out):
-        np.log(x.numpy(), out=out.numpy())
+        with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf as torch.log
+            np.log(x.numpy(), out=out.numpy())
         return out
     return torch.log(x, out=out)
 
@@ -56,7 +49,8 @@ def log_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def exp_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out <- exp(x)``, through NumPy on CPU as :func:`log_into`."""
     if _numpy_ok(x, out):
-        np.exp(x.numpy(), out=out.numpy())
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf as torch.exp
+            np.exp(x.numpy(), out=out.numpy())
         return out
     return torch.exp(x, out=out)
 
@@ -65,10 +59,10 @@ class LogitKernel:
     r"""Bernoulli response, logit link, with :math:`t = (2y-1)\eta`: :math:`\log f = \log\sigma(t)`.
 
     The kept element is :math:`p = \sigma(t)`, the probability of the observed response, so that
-    :math:`\partial_\eta\log f = (2y-1)(1-p)`: :math:`\alpha = -(2y-1)`, :math:`\beta = 2y-1`. While
-    :math:`|t| \le 700` (checked per evaluation from the row pieces) :math:`\log f = \log p` costs one
-    ``sigmoid`` and one ``log``; beyond, where :math:`\sigma` would underflow, it is
-    :math:`-\operatorname{softplus}(-t)`.
+    :math:`\partial_\eta\log f = (2y-1)(1-p)`: :math:`\alpha = -(2y-1)`, :math:`\beta = 2y-1`.
+    :math:`\log f = \log p` costs one ``sigmoid`` and one ``log``; where :math:`\sigma` underflows
+    (:math:`t < -709`) the group sums are not finite and the caller evaluates the chunk again by
+    :meth:`apply_tails`, :math:`-\operatorname{softplus}(-t)`.
     """
 
     def __init__(self, y: torch.Tensor, w1: torch.Tensor, g: Grouping):
@@ -79,13 +73,12 @@ class LogitKernel:
         self.csr = g.matrix(w1)
         self.csr_neg = g.matrix(-w1)
         self.const = None
-        self.direct = True
+        self.tails_used = False
 
-    def prepare(self, base: torch.Tensor, a: torch.Tensor, zmax: float):
-        """Row pieces of the chunk argument :math:`t = s b + (s a) z`; decides the evaluation of the log."""
-        bs, as_ = self.sign * base, self.sign[:, None] * a
-        self.direct = _max_abs(base) + zmax * _max_abs(a[:, 0] if a.shape[1] == 1 else a.abs().sum(1)) <= _ETA_CLAMP
-        return bs, as_
+    def prepare(self, base: torch.Tensor, a: torch.Tensor):
+        """Row pieces of the chunk argument :math:`t = s b + (s a) z`."""
+        self.tails_used = False
+        return self.sign * base, self.sign[:, None] * a
 
     @staticmethod
     def mean_curv(eta: torch.Tensor):
@@ -103,9 +96,14 @@ class LogitKernel:
     def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
         r"""``keep`` <- :math:`\sigma(t)`; returns the sparse weight matrix and ``t`` overwritten so that their
         product is :math:`\sum_i w_i\log f`."""
-        p = torch.sigmoid(t, out=keep) if keep is not None else None
-        if self.direct:
-            return self.csr, log_into(p if p is not None else torch.sigmoid(t), t)
+        p = torch.sigmoid(t, out=keep) if keep is not None else torch.sigmoid(t)
+        return self.csr, log_into(p, t)
+
+    def apply_tails(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
+        r"""As :meth:`apply`, with :math:`\log f = -\operatorname{softplus}(-t)` (finite for every :math:`t`)."""
+        self.tails_used = True
+        if keep is not None:
+            torch.sigmoid(t, out=keep)
         return self.csr_neg, torch.ops.aten.softplus.out(t.neg_(), 1, 20, out=t)
 
 
@@ -119,7 +117,9 @@ class PoissonLogKernel:
         self.csr = g.matrix(w1)
         self.const = -g.sum(w1 * torch.lgamma(y + 1.0))  # (G,)
 
-    def prepare(self, base: torch.Tensor, a: torch.Tensor, zmax: float):
+    apply_tails = None
+
+    def prepare(self, base: torch.Tensor, a: torch.Tensor):
         return base, a
 
     @staticmethod
