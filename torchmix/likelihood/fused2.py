@@ -122,7 +122,7 @@ def _weighted_derivative(data: FusedData, base, a, nodes, prob, kept):
     r""":math:`\sum_m P_{g(i)m} r_{im}` ``(N,)`` and :math:`\sum_m P_{g(i)m} r_{im} z_m` ``(N, q)``."""
     ker = data.kernel
     n_rows, q = base.shape[0], nodes.shape[1]
-    pg = prob.index_select(0, data.g.index)  # (N, M)
+    pg = torch.index_select(prob, 0, data.g.index, out=data.buffer("pg", (n_rows, prob.shape[1]), prob))
     if not kept:  # recompute the derivative chunk by chunk
         bs, as_ = ker.prepare(base, a)
         for m0, m1 in data.chunks(nodes.shape[0]):
