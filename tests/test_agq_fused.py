@@ -104,3 +104,27 @@ def test_only_builtin_canonical_families_take_the_fast_path():
     assert canonical_kernel(get_family("poisson", "identity")) is None
     assert canonical_kernel(MyBinomial()) is None
     assert canonical_kernel(get_family("gaussian")) is None
+
+
+def test_repeated_value_call_reuses_the_previous_evaluation():
+    """A value call at exactly the previous parameters, with the modes it left, is not evaluated again;
+    new modes (set_modes) or a gradient request evaluate."""
+    tens = _case("binomial", 2, False, seed=3)
+    mod = AGQLogLik(tens, get_family("binomial"), 5)
+    beta, lams = t(0.2, 0.5), _lambdas(2, False)
+    calls = []
+    mod.register_forward_hook(lambda *args: calls.append(1))
+    first = mod.loglik(beta, lams)
+    with torch.no_grad():
+        again = mod.loglik(beta.clone(), [lam.clone() for lam in lams])
+    assert len(calls) == 1
+    torch.testing.assert_close(again, first.detach(), rtol=0, atol=0)
+    mod.loglik(beta, [lams[0] * 1.01])  # other parameters: evaluated
+    mod.loglik(beta, lams)
+    assert len(calls) == 3
+    mod.set_modes(mod.modes)  # new warm start: evaluated
+    mod.loglik(beta, lams)
+    assert len(calls) == 4
+    b = beta.clone().requires_grad_(True)  # a gradient needs the graph: evaluated
+    mod.loglik(b, lams).sum().backward()
+    assert len(calls) == 5 and b.grad is not None

@@ -91,6 +91,14 @@ def _row_offsets(zl: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor) -> to
     return (zl.reshape(shape) * gathered).sum(-1)
 
 
+def _same(cached, inputs, kappa) -> bool:
+    """Whether ``inputs`` (and a non-tensor ``kappa``) are exactly those of a cached evaluation."""
+    tensors, other = cached
+    if len(tensors) != len(inputs) or other != (kappa if not torch.is_tensor(kappa) else None):
+        return False
+    return all(a.shape == b.shape and torch.equal(a, b.detach()) for a, b in zip(tensors, inputs))
+
+
 class AGQLogLik(nn.Module):
     r"""The AGQ pseudo log-likelihood of a 2- or 3-level GLMM as a module.
 
@@ -213,9 +221,23 @@ class AGQLogLik(nn.Module):
         return eta0, [z @ lam for z, lam in zip(zs, lambdas)]
 
     def loglik(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor], kappa=None) -> torch.Tensor:
-        """``(G_L,)`` contributions at :math:`(\\beta, \\Lambda_2, [\\Lambda_3])` (absolute factors)."""
+        """``(G_L,)`` contributions at :math:`(\\beta, \\Lambda_2, [\\Lambda_3])` (absolute factors).
+
+        A call without gradient at exactly the parameters of the previous call, with the modes that
+        call left (no evaluation or :meth:`set_modes` since), returns that call's values again.
+        """
+        inputs = [beta, *lambdas] + ([kappa] if torch.is_tensor(kappa) else [])
+        key = (self.u2, getattr(self, "u3", None))
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            hit = self.__dict__.get("_value_cache")
+            if hit is not None and hit[0][0] is key[0] and hit[0][1] is key[1] and _same(hit[1], inputs, kappa):
+                return hit[2].clone()
         eta0, zls = self.pieces(beta, lambdas)
-        return self(eta0, zls, kappa)
+        ell = self(eta0, zls, kappa)
+        self.__dict__["_value_cache"] = ((self.u2, getattr(self, "u3", None)),
+                                         ([t.detach().clone() for t in inputs], kappa if not torch.is_tensor(kappa)
+                                          else None), ell.detach())
+        return ell
 
     def top_scores(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor], kappa=None):
         r"""Per-top-group contributions and scores from one backward pass.
