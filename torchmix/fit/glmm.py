@@ -97,11 +97,18 @@ def _lbfgs(prob: _Problem, psi0: torch.Tensor, scale: torch.Tensor, max_iter: in
                 state["finite"] = False
                 return val.detach(), torch.zeros_like(x)
             (g,) = torch.autograd.grad(val, x)
+        last["eval"] = (phi.detach().clone(), val.detach(), g)
         return val.detach(), g
 
+    last = {}
     memory = LBFGSState(history_size=20)
     phi, _ = lbfgs_rounds(value_and_grad, phi, memory, max_iter=max_iter, max_eval=max(2 * max_iter, 25),
                           tolerance_grad=tol, tolerance_change=1e-14)
+    hit = last.get("eval")
+    # value and gradient of l / w_total at the end point, when the last evaluation was there
+    prob.end = None
+    if hit is not None and torch.equal(hit[0], phi):
+        prob.end = (phi / scale, -float(hit[1]) * prob.w_total, -hit[2] * scale)
     return phi / scale, memory.n_iter, state["finite"]
 
 
@@ -139,14 +146,16 @@ def _normalise(psi: torch.Tensor, p: int, term_sizes, modes: list):
     return out, new_modes
 
 
-def _polish(prob: _Problem, psi: torch.Tensor, free: torch.Tensor, hess: torch.Tensor, tol: float):
-    """Newton steps with a fixed (finite-difference) Hessian; returns (psi, gradient, steps)."""
-    g = prob.grad(psi)
+def _polish(prob: _Problem, psi: torch.Tensor, free: torch.Tensor, hess: torch.Tensor, tol: float, known=None):
+    """Newton steps with a fixed (finite-difference) Hessian; returns (psi, gradient, steps).
+
+    ``known``: ``(value, gradient)`` at ``psi`` from the last evaluation there, with the modes it left."""
+    g = prob.grad(psi) if known is None else known[1]
     neg = -hess
     chol, info = torch.linalg.cholesky_ex(0.5 * (neg + neg.transpose(0, 1)))
     if int(info) != 0:
         return psi, g, 0
-    val = prob.value(psi)
+    val = prob.value(psi) if known is None else known[0]
     steps = 0
     for _ in range(POLISH_STEPS):
         if float(g[free].abs().max()) < tol * 1e-3:
@@ -308,9 +317,11 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         module.set_modes(base_modes)
         return prob.grad(x)
 
+    end = getattr(prob, "end", None)  # the optimiser's last evaluation was at psi (no sign or boundary change)
+    known = end[1:] if end is not None and torch.equal(end[0], psi) else None
     hess = fd_hessian(grad_fn, psi, free)  # Hessian of l / w_total over the free entries
     module.set_modes(base_modes)
-    psi, g, steps = _polish(prob, psi, free, hess, tol)
+    psi, g, steps = _polish(prob, psi, free, hess, tol, known)
     iterations += steps
     grad_max = float(g[free].abs().max()) if bool(free.any()) else 0.0
     converged = math.isfinite(grad_max) and grad_max < tol
