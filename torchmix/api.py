@@ -360,12 +360,14 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     num_threads = check_num_threads(num_threads)
     progress = bool(progress) and is_main()  # under a process group, rank 0 alone shows progress
     start = check_start(start)
-    prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
-                        center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
-                        edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
-                        tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
-                        deterministic=deterministic, call=call, offset=offset, se_type=se_type, df=df,
-                        transforms=transforms)
+    # the design step is many small operations too: threads chosen by its size, as for the fit
+    with fit_threads(choose_threads(problem_work(len(data) if hasattr(data, "__len__") else 0, 1, 0), num_threads)):
+        prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
+                            center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
+                            edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,
+                            tol=tol, small_sample=small_sample, device=device, dtype=dtype, progress=progress,
+                            deterministic=deterministic, call=call, offset=offset, se_type=se_type, df=df,
+                            transforms=transforms)
     design_args = dict(se_type=se_type, strata=strata, psu=psu, fpc=fpc, lonely_psu=lonely_psu,
                        replicate_weights=replicate_weights, replicate_method=replicate_method, fay_rho=fay_rho,
                        scale=scale, rscales=rscales, mse=mse, jk_zone=jk_zone, jk_rep=jk_rep,
