@@ -23,6 +23,8 @@ from .checks import check_identifiable, check_start
 from .design import Design, build_design
 from .design_variance import resolve_design_variance
 from .distributed import is_main
+from .distributed.context import world
+from .distributed.data_parallel import fit_data_parallel
 from .distributed.tasks import spread_plausible_values
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
 from .families import get_family
@@ -236,6 +238,10 @@ def _fit_tensors(prepared: Prepared, tensors, start=None, progress=None):
     meat = prepared.extra.get("meat") or o["small_sample"]
     show = o["progress"] if progress is None else progress
     with _deterministic(o["deterministic"]):
+        if world() is not None:  # a process group: this fit is spread over its processes
+            return fit_data_parallel(tensors, prepared.family, world(), gaussian=prepared.is_gaussian,
+                                     n_quad=o["n_quad"], start=start, max_iter=o["max_iter"], tol=o["tol"],
+                                     small_sample=meat, progress=show)
         if prepared.is_gaussian:
             return fit_gaussian(tensors, start=start, max_iter=o["max_iter"], tol=o["tol"], small_sample=meat,
                                 progress=show)

@@ -13,6 +13,7 @@ __all__ = [
     "WeightError",
     "ConfigError",
     "NumericalError",
+    "DistributedError",
     "TorchmixWarning",
     "DataWarning",
     "ConvergenceWarning",
@@ -43,6 +44,11 @@ class ConfigError(TorchmixError, ValueError):
 
 class NumericalError(TorchmixError, ArithmeticError):
     """The computation failed numerically (non-finite likelihood, singular information)."""
+
+
+class DistributedError(TorchmixError, RuntimeError):
+    """A fit spanning several processes could not go on: another process failed, left, or did not
+    answer within the collective timeout (:mod:`torchmix.distributed.collectives`)."""
 
 
 class TorchmixWarning(UserWarning):

@@ -183,7 +183,8 @@ def _polish(prob: _Problem, psi: torch.Tensor, free: torch.Tensor, hess: torch.T
 
 
 def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max_iter: int = 100,
-             tol: float = 1e-8, small_sample: str = "G/(G-1)", progress: bool = True) -> FitOutput:
+             tol: float = 1e-8, small_sample: str = "G/(G-1)", progress: bool = True,
+             likelihood=AGQLogLik) -> FitOutput:
     r"""Fit a weighted GLMM by adaptive Gauss-Hermite quadrature with sandwich standard errors.
 
     Parameters
@@ -196,6 +197,9 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
     tol : gradient tolerance on :math:`\ell/\sum_k w^{(L)}_k` (convergence test).
     small_sample : ``"G/(G-1)"`` (default) or ``"none"``: factor of the sandwich meat.
     progress : show a progress bar (one tick per likelihood evaluation).
+    likelihood : constructor ``(tensors, family, n_quad)`` of the likelihood module
+        (:class:`~torchmix.likelihood.agq.AGQLogLik`, or one summing over processes,
+        :mod:`torchmix.distributed.agq`).
 
     Returns
     -------
@@ -228,7 +232,7 @@ def fit_glmm(tensors: ModelTensors, family, *, n_quad: int = 13, start=None, max
         std = Standardizer.from_tensors(tensors)
         try:
             out = _fit(std.tensors(tensors), family, n_quad, std.start(start, residual=False), max_iter, tol,
-                       small_sample, bar, p, term_sizes, w_total, dt, dev)
+                       small_sample, bar, p, term_sizes, w_total, dt, dev, likelihood)
         except torch.linalg.LinAlgError as exc:
             raise NumericalError(_curvature_message(family)) from exc
         return std.output(out, gaussian=False)
@@ -264,7 +268,8 @@ def _curvature_message(family) -> str:
     return text + "; try other starting values or a simpler model"
 
 
-def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev):
+def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, term_sizes, w_total, dt, dev,
+         likelihood=AGQLogLik):
     X = tensors.X
     scale = torch.cat([_column_scale(X, tensors.w1_uncond), torch.ones(sum(n_theta(ts) for ts in term_sizes),
                                                                         dtype=dt, device=dev)])
@@ -276,7 +281,7 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         psi = torch.cat([beta0] + [identity_theta(ts, dtype=dt, device=dev) for ts in term_sizes])
     w_total = w_total * information_scale(family, X @ psi[:p], tensors.w1_uncond)
     iterations, lnl_laplace, evals_laplace = 0, None, 0
-    first = _Problem(AGQLogLik(tensors, family, 1 if start is None else n_quad), p, term_sizes, w_total, bar)
+    first = _Problem(likelihood(tensors, family, 1 if start is None else n_quad), p, term_sizes, w_total, bar)
     passes_at_start = tol > DEFAULT_TOL and float(first.grad(psi).abs().max()) < tol
     if start is None and n_quad > 1:
         lap = first
@@ -289,7 +294,7 @@ def _fit(tensors, family, n_quad, start, max_iter, tol, small_sample, bar, p, te
         prior_modes = lap.module.modes
     else:
         prior_modes = None
-    module = first.module if first.module.n_quad == n_quad else AGQLogLik(tensors, family, n_quad)
+    module = first.module if first.module.n_quad == n_quad else likelihood(tensors, family, n_quad)
     if prior_modes is not None:
         module.set_modes(prior_modes)
     prob = _Problem(module, p, term_sizes, w_total, bar)

@@ -1,0 +1,62 @@
+"""Models fitted both in one process and across a gloo group by tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+import torchmix as tm
+from conftest import sleepstudy_three_level, sleepstudy_weighted
+
+
+def contraception_weighted() -> pd.DataFrame:
+    """contraception with deterministic unconditional weights at both levels."""
+    df = tm.load_dataset("contraception")
+    codes = pd.factorize(df["district"], sort=True)[0]
+    df["w2"] = 1.0 + 0.5 * (codes % 3)
+    df["w1"] = df["w2"] * (1.0 + 0.25 * (np.arange(len(df)) % 4))
+    return df
+
+
+def sleepstudy_two_tops() -> pd.DataFrame:
+    """3-level sleepstudy whose top level has two groups of 9 subjects (90 rows each)."""
+    df = sleepstudy_three_level()
+    subjects = sorted(df["Subject"].unique(), key=int)
+    first = set(subjects[:9])
+    df["Group"] = np.where(df["Subject"].isin(first), "A", "B")
+    df["c3"] = np.where(df["Group"] == "A", 2.0, 1.0)
+    return df
+
+
+def fit(name: str):
+    """Fit case ``name`` (warnings silenced: the comparison is about numbers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "slope2":
+            return tm.mix("Reaction ~ Days + (1 + Days | Subject)", sleepstudy_weighted(), weights=["w1", "w2"],
+                          progress=False, num_threads=1)
+        if name == "three":
+            return tm.mix("Reaction ~ Days + (1 | Subject) + (1 | Group)", sleepstudy_three_level(),
+                          weights=["c1", "c2", "c3"], cweights=True, progress=False, num_threads=1)
+        if name == "two_tops":
+            return tm.mix("Reaction ~ Days + (1 | Subject) + (1 | Group)", sleepstudy_two_tops(),
+                          weights=["c1", "c2", "c3"], cweights=True, progress=False, num_threads=1)
+        if name == "logit":
+            return tm.mix("use ~ age + urban + (1 | district)", contraception_weighted(), weights=["w1", "w2"],
+                          family="binomial", n_quad=7, progress=False, num_threads=1)
+    raise KeyError(name)
+
+
+def extract(res) -> dict:
+    """The numbers compared: estimates, SEs, variance components, lnl, random effects, scores."""
+    out = res._out
+    d = {"coef": res.coef.to_numpy(), "se": res.se.to_numpy(), "varcomp": res.varcomp.to_numpy(),
+         "varcomp_se": res.varcomp_se.to_numpy(), "lnl": np.array([res.lnl]),
+         "scores": out.scores.numpy(), "converged": np.array([res.converged])}
+    for l, b in enumerate(out.b):
+        d[f"b{l}"] = b.numpy()
+    if res.sigma is not None:
+        d["sigma"] = np.array([res.sigma])
+    return d

@@ -1,0 +1,172 @@
+r"""The collectives of a data-parallel fit, each guarded by an error flag and a timeout.
+
+Every collective of a fit goes through :class:`Collectives`. Each one first exchanges a one-number
+flag (0 = this process is fine): a process whose fit raised takes part in that exchange with flag 1
+(:func:`guarded`) and re-raises its own error, and the others, seeing the flag, raise
+:class:`~torchmix.errors.DistributedError` instead of waiting for data that will never come. A
+process that has died (its connections closed) and a collective that does not complete within the
+*collective timeout* also end in :class:`~torchmix.errors.DistributedError`, so no process hangs.
+
+The collective timeout is :data:`DEFAULT_TIMEOUT` seconds, or the environment variable
+``TORCHMIX_COLLECTIVE_TIMEOUT`` (seconds), or :func:`set_collective_timeout`. It bounds the wait of
+one collective, i.e. the time between two synchronisation points of a fit (one likelihood
+evaluation), not the whole fit.
+
+Sums are formed by gathering every process's part and adding them in rank order, so every process
+gets bit-for-bit the same numbers (whatever algorithm the backend uses), and so takes the same
+decisions in the optimiser.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import DistributedError
+from .context import World
+
+__all__ = ["DEFAULT_TIMEOUT", "collective_timeout", "set_collective_timeout", "Collectives", "guarded"]
+
+DEFAULT_TIMEOUT = 300.0
+_timeout: Optional[float] = None
+
+
+def set_collective_timeout(seconds: Optional[float]) -> None:
+    """Set the collective timeout in seconds (``None``: back to the environment or the default)."""
+    global _timeout
+    if seconds is not None and not float(seconds) > 0:
+        raise ValueError(f"the collective timeout must be a positive number of seconds, got {seconds!r}")
+    _timeout = None if seconds is None else float(seconds)
+
+
+def collective_timeout() -> float:
+    """The collective timeout in seconds (module docstring)."""
+    if _timeout is not None:
+        return _timeout
+    env = os.environ.get("TORCHMIX_COLLECTIVE_TIMEOUT")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            return value
+    return DEFAULT_TIMEOUT
+
+
+class Collectives:
+    """Guarded collectives over the processes of ``world`` (module docstring).
+
+    Parameters
+    ----------
+    world : the process group of the fit (:func:`~torchmix.distributed.context.world`).
+    timeout : seconds; default :func:`collective_timeout`.
+    """
+
+    def __init__(self, world: World, timeout: Optional[float] = None):
+        self.rank, self.size, self.backend = world.rank, world.size, world.backend
+        self.timeout = float(timeout) if timeout is not None else collective_timeout()
+
+    # ------------------------------------------------------------------ plumbing
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if self.backend == "gloo" and t.device.type != "cpu":
+            t = t.cpu()
+        return t.contiguous()
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+        except DistributedError:
+            raise
+        except Exception as exc:  # timeout, or a peer that closed its connections
+            raise DistributedError(
+                f"process {self.rank} of {self.size}: a collective of the data-parallel fit failed or got no "
+                f"answer within {self.timeout:g} s (collective timeout; another process may have died or "
+                f"hung): {exc}") from exc
+
+    def _all_gather(self, t: torch.Tensor) -> list:
+        bufs = [torch.empty_like(t) for _ in range(self.size)]
+        try:
+            work = torch.distributed.all_gather(bufs, t, async_op=True)
+        except Exception as exc:
+            raise DistributedError(f"process {self.rank} of {self.size}: a collective of the data-parallel "
+                                   f"fit could not start: {exc}") from exc
+        self._wait(work)
+        return bufs
+
+    def _flags(self, failed: bool) -> list:
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
+        return [int(b[0]) for b in self._all_gather(flag)]
+
+    # ------------------------------------------------------------------ guard
+    def check(self) -> None:
+        """Exchange the flags; raise :class:`DistributedError` when another process has failed."""
+        flags = self._flags(False)
+        bad = [r for r, f in enumerate(flags) if f]
+        if bad:
+            names = ", ".join(str(r) for r in bad)
+            raise DistributedError(f"process {self.rank} of {self.size}: the data-parallel fit was stopped because "
+                                   f"process(es) {names} failed (their own error messages say why)")
+
+    def signal_failure(self) -> None:
+        """Tell the other processes that this one failed (its part of the next flag exchange)."""
+        try:
+            self._flags(True)
+        except DistributedError:
+            pass
+
+    # ------------------------------------------------------------------ data
+    def allsum(self, t: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sum_r t^{(r)}`, added in rank order: the same bits on every process. Same shape,
+        dtype and device as ``t`` (detached)."""
+        host = self._host(t)
+        self.check()
+        bufs = self._all_gather(host)
+        out = bufs[0].clone()
+        for b in bufs[1:]:
+            out += b
+        return out.to(t.device)
+
+    def _gather_padded(self, t: torch.Tensor, counts: Sequence[int]) -> list:
+        """Every process's ``t`` (``(counts[r], ...)``), padded to the longest for the exchange."""
+        host = self._host(t)
+        longest = max(max(counts), 1)
+        pad = torch.zeros((longest,) + tuple(host.shape[1:]), dtype=host.dtype, device=host.device)
+        pad[:host.shape[0]] = host
+        self.check()
+        bufs = self._all_gather(pad)
+        return [b[:n] for b, n in zip(bufs, counts)]
+
+    def cat_rows(self, t: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Rows of every process, concatenated in rank order: ``(sum(counts), ...)`` on ``t``'s device."""
+        parts = self._gather_padded(t, counts)
+        return torch.cat(parts, dim=0).to(t.device)
+
+    def put_rows(self, t: torch.Tensor, ids: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+        """Rows of every process put at their global indices ``ids[r]``: ``(n, ...)``."""
+        counts = [int(i.numel()) for i in ids]
+        parts = self._gather_padded(t, counts)
+        out = torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype)
+        for part, idx in zip(parts, ids):
+            out[idx.cpu()] = part.cpu()
+        return out.to(t.device)
+
+
+@contextmanager
+def guarded(coll: Collectives) -> Iterator[Collectives]:
+    """Run a data-parallel fit: an error here is announced to the other processes (which then
+    raise :class:`DistributedError`) and re-raised; a fit that ends normally exchanges the flags a
+    last time, so that a failure after the last data exchange is not missed either."""
+    try:
+        yield coll
+    except DistributedError:
+        raise
+    except BaseException:
+        coll.signal_failure()
+        raise
+    coll.check()

@@ -1,0 +1,58 @@
+r"""One fit spread over the processes of a :mod:`torch.distributed` group (data parallelism).
+
+When ``mix()`` runs under an initialised process group of more than one process (and not inside
+:func:`~torchmix.distributed.context.run_locally`), every process builds the design from the full
+data (so centering, scaling and standardisation are global), keeps the rows of its share of the
+top-level groups (:mod:`~torchmix.distributed.shard`) and evaluates the likelihood there; the sums
+over top-level groups are summed over processes at every evaluation
+(:mod:`~torchmix.distributed.gaussian`, :mod:`~torchmix.distributed.agq`). The optimiser runs on
+every process with the same numbers, and every process returns the complete fit: estimates,
+standard errors, per-group scores and random effects equal those of one process to rounding.
+
+Only rank 0 shows progress and issues warnings (every process takes the same decisions). A process
+that fails ends the fit on every process (:mod:`~torchmix.distributed.collectives`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ..tensors import FitOutput, ModelTensors
+from .agq import agq_factory
+from .collectives import Collectives, guarded
+from .context import World
+from .gaussian import fit_gaussian_data_parallel
+
+__all__ = ["fit_data_parallel"]
+
+
+def fit_data_parallel(tensors: ModelTensors, family, world: World, *, gaussian: bool, n_quad: int = 13,
+                      start=None, max_iter: int = 200, tol: float = 1e-8, small_sample="G/(G-1)",
+                      progress: bool = True, timeout=None) -> FitOutput:
+    """Fit ``tensors`` (the full model, the same on every process) across the processes of ``world``.
+
+    Arguments as for :func:`~torchmix.fit.gaussian.fit_gaussian` (``gaussian=True``) or
+    :func:`~torchmix.fit.glmm.fit_glmm`; ``timeout`` overrides the collective timeout (seconds).
+    Returns the same :class:`~torchmix.tensors.FitOutput` on every process, with
+    ``extra["world_size"]``.
+
+    Raises
+    ------
+    DistributedError
+        On the other processes when one process fails, and on a process whose collective fails
+        or times out.
+    """
+    coll = Collectives(world, timeout)
+    main = world.rank == 0
+    with guarded(coll), warnings.catch_warnings():
+        if not main:
+            warnings.simplefilter("ignore")
+        if gaussian:
+            out = fit_gaussian_data_parallel(tensors, coll, start=start, max_iter=max_iter, tol=tol,
+                                             small_sample=small_sample, progress=progress and main)
+        else:
+            from ..fit.glmm import fit_glmm
+            out = fit_glmm(tensors, family, n_quad=n_quad, start=start, max_iter=max_iter, tol=tol,
+                           small_sample=small_sample, progress=progress and main, likelihood=agq_factory(coll))
+            out.extra["world_size"] = world.size
+    return out
