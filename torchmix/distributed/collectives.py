@@ -12,6 +12,11 @@ The collective timeout is :data:`DEFAULT_TIMEOUT` seconds, or the environment va
 one collective, i.e. the time between two synchronisation points of a fit (one likelihood
 evaluation), not the whole fit.
 
+A collective whose data fit in a fixed-size *packet* (set for the fit from the model's dimensions,
+so that every process, even one that failed early, uses the same size) carries the flag in the same
+exchange as the data: one exchange per sum in the optimiser's loop. Larger data (per-group results
+at the end of a fit) take a flag exchange and then a data exchange.
+
 Sums are formed by gathering every process's part and adding them in rank order, so every process
 gets bit-for-bit the same numbers (whatever algorithm the backend uses), and so takes the same
 decisions in the optimiser.
@@ -67,16 +72,17 @@ class Collectives:
     timeout : seconds; default :func:`collective_timeout`.
     """
 
-    def __init__(self, world: World, timeout: Optional[float] = None):
+    def __init__(self, world: World, timeout: Optional[float] = None, packet: int = 64):
         self.rank, self.size, self.backend = world.rank, world.size, world.backend
         self.timeout = float(timeout) if timeout is not None else collective_timeout()
+        self.packet = max(int(packet), 2)
+        # gloo exchanges host memory; other backends (NCCL) the current CUDA device's
+        gloo = self.backend == "gloo" or not torch.cuda.is_available()
+        self.device = torch.device("cpu") if gloo else torch.device("cuda", torch.cuda.current_device())
 
     # ------------------------------------------------------------------ plumbing
     def _host(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if self.backend == "gloo" and t.device.type != "cpu":
-            t = t.cpu()
-        return t.contiguous()
+        return t.detach().to(self.device).contiguous()
 
     def _wait(self, work) -> None:
         try:
@@ -99,14 +105,24 @@ class Collectives:
         self._wait(work)
         return bufs
 
-    def _flags(self, failed: bool) -> list:
-        flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
-        return [int(b[0]) for b in self._all_gather(flag)]
+    def _exchange(self, payload: Optional[torch.Tensor], failed: bool = False) -> list:
+        """One packet exchange: ``[flag, payload, zeros]`` (float64, ``self.packet`` long) from every
+        process; raises :class:`DistributedError` when a flag is set."""
+        packet = torch.zeros(self.packet, dtype=torch.float64, device=self.device)
+        packet[0] = 1.0 if failed else 0.0
+        if payload is not None:
+            packet[1:1 + payload.numel()] = payload.reshape(-1).to(self.device)
+        bufs = self._all_gather(packet)
+        if not failed:
+            self._raise_if_failed([float(b[0]) for b in bufs])
+        return bufs
 
     # ------------------------------------------------------------------ guard
     def check(self) -> None:
         """Exchange the flags; raise :class:`DistributedError` when another process has failed."""
-        flags = self._flags(False)
+        self._exchange(None)
+
+    def _raise_if_failed(self, flags) -> None:
         bad = [r for r, f in enumerate(flags) if f]
         if bad:
             names = ", ".join(str(r) for r in bad)
@@ -116,7 +132,7 @@ class Collectives:
     def signal_failure(self) -> None:
         """Tell the other processes that this one failed (its part of the next flag exchange)."""
         try:
-            self._flags(True)
+            self._exchange(None, failed=True)
         except DistributedError:
             pass
 
@@ -125,8 +141,11 @@ class Collectives:
         r""":math:`\sum_r t^{(r)}`, added in rank order: the same bits on every process. Same shape,
         dtype and device as ``t`` (detached)."""
         host = self._host(t)
-        self.check()
-        bufs = self._all_gather(host)
+        if host.dtype == torch.float64 and host.numel() < self.packet:
+            bufs = [b[1:1 + host.numel()].reshape(host.shape) for b in self._exchange(host)]
+        else:
+            self.check()
+            bufs = self._all_gather(host)
         out = bufs[0].clone()
         for b in bufs[1:]:
             out += b

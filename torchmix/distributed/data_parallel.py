@@ -23,7 +23,15 @@ from .collectives import Collectives, guarded
 from .context import World
 from .gaussian import fit_gaussian_data_parallel
 
-__all__ = ["fit_data_parallel"]
+__all__ = ["fit_data_parallel", "packet_size"]
+
+
+def packet_size(tensors: ModelTensors) -> int:
+    r"""Packet length of the fit's collectives: a flag and the largest sum of the optimiser's loop,
+    :math:`\max\{(p+1)^2 + 1,\ 1 + p + \sum_l q_l^2\}` (gaussian profile; AGQ value and gradient)."""
+    p = tensors.n_fixed
+    q2 = sum(lv.q ** 2 for lv in tensors.levels)
+    return 2 + max((p + 1) ** 2 + 1, 1 + p + q2)
 
 
 def fit_data_parallel(tensors: ModelTensors, family, world: World, *, gaussian: bool, n_quad: int = 13,
@@ -42,7 +50,7 @@ def fit_data_parallel(tensors: ModelTensors, family, world: World, *, gaussian: 
         On the other processes when one process fails, and on a process whose collective fails
         or times out.
     """
-    coll = Collectives(world, timeout)
+    coll = Collectives(world, timeout, packet=packet_size(tensors))
     main = world.rank == 0
     with guarded(coll), warnings.catch_warnings():
         if not main:
