@@ -2,7 +2,7 @@
 
 ``python distributed_worker.py SPEC``: SPEC is JSON with ``rank``, ``size``, ``port``, ``out`` (a file
 name with ``{rank}``), ``cases`` (names in distributed_cases.py), ``timeout`` (seconds) and optionally
-``fail_rank``/``fail_after``/``fail_how`` (this rank raises, or exits, in its ``fail_after``-th
+``fail_rank``/``fail_after``/``fail_how`` (this rank raises, exits or hangs in its ``fail_after``-th
 likelihood evaluation). Writes a pickle of ``{case: numbers}``, or ``{"error": ..., "message": ...}``.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import sys
+import time
 
 
 def _inject_failure(after: int, how: str) -> None:
@@ -26,6 +27,8 @@ def _inject_failure(after: int, how: str) -> None:
         if calls["n"] >= after:
             if how == "exit":
                 os._exit(7)
+            if how == "hang":
+                time.sleep(3600)
             raise RuntimeError("injected failure in a likelihood evaluation")
         return original(self, thetas)
 
@@ -59,7 +62,7 @@ def main() -> int:
         out, code = {"error": type(exc).__name__, "message": str(exc)}, 3
     with open(spec["out"].format(rank=rank), "wb") as fh:
         pickle.dump(out, fh)
-    if code == 0:
+    if code == 0 or spec.get("fail_how") != "hang":
         dist.destroy_process_group()
     return code
 
