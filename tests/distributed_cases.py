@@ -30,12 +30,16 @@ def sleepstudy_two_tops() -> pd.DataFrame:
     return df
 
 
-def fit(name: str):
-    """Fit case ``name`` (warnings silenced: the comparison is about numbers)."""
+def fit(name: str, rank: int = 0):
+    """Fit case ``name`` (warnings silenced: the comparison is about numbers). Case ``mismatch`` is
+    ``slope2`` with one response value changed on process 1 (processes holding different data)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "slope2":
-            return tm.mix("Reaction ~ Days + (1 + Days | Subject)", sleepstudy_weighted(), weights=["w1", "w2"],
+        if name in ("slope2", "mismatch"):
+            df = sleepstudy_weighted()
+            if name == "mismatch" and rank == 1:
+                df.loc[df.index[0], "Reaction"] += 1e-6
+            return tm.mix("Reaction ~ Days + (1 + Days | Subject)", df, weights=["w1", "w2"],
                           progress=False, num_threads=1)
         if name == "three":
             return tm.mix("Reaction ~ Days + (1 | Subject) + (1 | Group)", sleepstudy_three_level(),

@@ -42,8 +42,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, size: int, cases, timeout: float = 30.0, wall: float = 90.0, **extra):
-    """Start ``size`` worker processes; return ``[(returncode, results), ...]`` by rank and the wall time."""
+def _launch(tmp_path, size: int, cases, timeout: float = 30.0, wall: float = 90.0, grace: float = 5.0, **extra):
+    """Start ``size`` worker processes; return ``[(returncode, results, output), ...]`` by rank and the
+    time rank 0 took. The other ranks get ``grace`` seconds after rank 0 has ended, then are killed."""
     port = _free_port()
     out = str(tmp_path / "rank{rank}.pkl")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
@@ -59,7 +60,7 @@ def _launch(tmp_path, size: int, cases, timeout: float = 30.0, wall: float = 90.
         for p in procs:
             left = max(1.0, wall - (time.monotonic() - t0))
             if first_done is not None:  # the others end with rank 0 (a hanging one is killed)
-                left = min(left, max(1.0, first_done + 5.0 - time.monotonic()))
+                left = min(left, max(1.0, first_done + grace - time.monotonic()))
             try:
                 stdout, _ = p.communicate(timeout=left)
             except subprocess.TimeoutExpired:  # a process that hangs on purpose
@@ -104,10 +105,15 @@ def _assert_same(name: str, got: dict) -> None:
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     cases = ["slope2", "three", "logit"]
-    results, _ = _launch(tmp_path, 2, cases)
+    results, _ = _launch(tmp_path, 2, cases + ["mismatch", "slope2"])
     for rank, (code, data, log) in enumerate(results):
-        assert code == 0, f"rank {rank} failed:\n{log}"
+        assert data is not None, f"rank {rank} failed:\n{log}"
+        # processes holding different data are stopped at the start of the fit, all of them,
+        # and the group stays usable
+        assert data["mismatch"]["error"] == "DistributedError", log
+        assert "different models or data" in data["mismatch"]["message"]
         for name in cases:
+            assert "error" not in data[name], data[name]
             assert data[name + "/world_size"] == 2  # the fit ran across the processes
             _assert_same(name, data[name])
 
@@ -131,10 +137,11 @@ def test_failing_process_ends_every_process(tmp_path, how):
     # rank 1 raises, dies or hangs in its 4th likelihood evaluation; rank 0 must end with a
     # DistributedError (at the latest after the collective timeout), not wait for ever
     timeout = 5.0 if how == "hang" else 20.0
-    results, elapsed = _launch(tmp_path, 2, ["slope2"], timeout=timeout, wall=40.0, fail_rank=1, fail_after=4,
-                               fail_how=how)
+    results, elapsed = _launch(tmp_path, 2, ["slope2"], timeout=timeout, wall=40.0, grace=1.0, fail_rank=1,
+                               fail_after=4, fail_how=how)
     (code0, data0, log0), (code1, data1, log1) = results
     assert code0 == 3, log0
+    data0, data1 = data0["slope2"], (data1 or {}).get("slope2")
     assert data0["error"] == "DistributedError", log0
     assert elapsed < 35.0
     if how == "raise":

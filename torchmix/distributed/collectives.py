@@ -93,7 +93,8 @@ class Collectives:
             raise DistributedError(
                 f"process {self.rank} of {self.size}: a collective of the data-parallel fit failed or got no "
                 f"answer within {self.timeout:g} s (collective timeout; another process may have died or "
-                f"hung): {exc}") from exc
+                f"hung; every process must make the same fit: call mix() on all of them, or wrap fits made "
+                f"by one process in torchmix.distributed.run_locally()): {exc}") from exc
 
     def _all_gather(self, t: torch.Tensor) -> list:
         bufs = [torch.empty_like(t) for _ in range(self.size)]
@@ -140,16 +141,28 @@ class Collectives:
     def allsum(self, t: torch.Tensor) -> torch.Tensor:
         r""":math:`\sum_r t^{(r)}`, added in rank order: the same bits on every process. Same shape,
         dtype and device as ``t`` (detached)."""
-        host = self._host(t)
-        if host.dtype == torch.float64 and host.numel() < self.packet:
-            bufs = [b[1:1 + host.numel()].reshape(host.shape) for b in self._exchange(host)]
-        else:
-            self.check()
-            bufs = self._all_gather(host)
+        bufs = self.gather(t)
         out = bufs[0].clone()
         for b in bufs[1:]:
             out += b
         return out.to(t.device)
+
+    def gather(self, t: torch.Tensor) -> list:
+        """Every process's ``t`` (same shape everywhere), by rank, on the exchange device."""
+        host = self._host(t)
+        if host.dtype == torch.float64 and host.numel() < self.packet:
+            return [b[1:1 + host.numel()].reshape(host.shape) for b in self._exchange(host)]
+        self.check()
+        return self._all_gather(host)
+
+    def agree(self, values: torch.Tensor, what: str) -> None:
+        """Raise :class:`DistributedError` on every process unless all processes hold the same ``values``."""
+        bufs = self.gather(values)
+        differ = [r for r, b in enumerate(bufs) if not torch.equal(b, bufs[0])]
+        if differ:
+            raise DistributedError(f"process {self.rank} of {self.size}: the processes hold different {what} "
+                                   f"(process(es) {', '.join(map(str, differ))} differ from process 0); every "
+                                   "process of a data-parallel fit must call mix() with the same model and data")
 
     def _gather_padded(self, t: torch.Tensor, counts: Sequence[int]) -> list:
         """Every process's ``t`` (``(counts[r], ...)``), padded to the longest for the exchange."""

@@ -9,6 +9,8 @@ over top-level groups are summed over processes at every evaluation
 every process with the same numbers, and every process returns the complete fit: estimates,
 standard errors, per-group scores and random effects equal those of one process to rounding.
 
+Every process must make the same call (same model, same data: checked when the fit starts); fits
+that one process makes alone belong inside :func:`~torchmix.distributed.context.run_locally`.
 Only rank 0 shows progress and issues warnings (every process takes the same decisions). A process
 that fails ends the fit on every process (:mod:`~torchmix.distributed.collectives`).
 """
@@ -16,6 +18,8 @@ that fails ends the fit on every process (:mod:`~torchmix.distributed.collective
 from __future__ import annotations
 
 import warnings
+
+import torch
 
 from ..tensors import FitOutput, ModelTensors
 from .agq import agq_factory
@@ -31,7 +35,15 @@ def packet_size(tensors: ModelTensors) -> int:
     :math:`\max\{(p+1)^2 + 1,\ 1 + p + \sum_l q_l^2\}` (gaussian profile; AGQ value and gradient)."""
     p = tensors.n_fixed
     q2 = sum(lv.q ** 2 for lv in tensors.levels)
-    return 2 + max((p + 1) ** 2 + 1, 1 + p + q2)
+    return 2 + max((p + 1) ** 2 + 1, 1 + p + q2, 8)
+
+
+def fingerprint(tensors: ModelTensors) -> torch.Tensor:
+    """A few numbers that differ between processes that hold different models or data."""
+    t = tensors
+    vals = [t.n_obs, t.n_fixed, t.n_levels, sum(lv.n_groups for lv in t.levels), float(t.w1_uncond.sum()),
+            float(t.y.sum()), float(t.X.sum())]
+    return torch.tensor(vals, dtype=torch.float64)
 
 
 def fit_data_parallel(tensors: ModelTensors, family, world: World, *, gaussian: bool, n_quad: int = 13,
@@ -55,6 +67,7 @@ def fit_data_parallel(tensors: ModelTensors, family, world: World, *, gaussian: 
     with guarded(coll), warnings.catch_warnings():
         if not main:
             warnings.simplefilter("ignore")
+        coll.agree(fingerprint(tensors), "models or data")
         if gaussian:
             out = fit_gaussian_data_parallel(tensors, coll, start=start, max_iter=max_iter, tol=tol,
                                              small_sample=small_sample, progress=progress and main)

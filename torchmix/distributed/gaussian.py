@@ -122,9 +122,9 @@ def fit_gaussian_data_parallel(tensors: ModelTensors, coll: Collectives, *, star
     those of :func:`~torchmix.fit.gaussian.fit_gaussian` (``tensors`` is the full model, held by
     every process; the result is complete and the same on every process)."""
     std = Standardizer.from_tensors(tensors)
-    full = std.tensors(tensors)
-    shard = shard_tensors(full, coll.rank, coll.size)
-    lik = None if shard.empty else GaussianLikelihood(shard.tensors)
+    shard = shard_tensors(tensors, coll.rank, coll.size)
+    lik = None if shard.empty else GaussianLikelihood(std.tensors(shard.tensors))
+    full = tensors  # only its sizes, weights and dtype are used from here on
     prof = _Profile(lik, full, coll)
     start = std.start(start, residual=True)
 
@@ -134,7 +134,12 @@ def fit_gaussian_data_parallel(tensors: ModelTensors, coll: Collectives, *, star
     theta0 = _start_theta(full, start, full.n_fixed)
     passes_at_start = start_passes(objective, theta0, tol)
     with progress_bar(desc="fit (L-BFGS rounds)", unit="round", disable=not progress) as bar:
-        res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar, newton_first=start is not None)
+        try:
+            res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
+                           newton_first=start is not None)
+        except IndexError as exc:  # torch's strong-Wolfe line search on a non-finite objective
+            raise NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
+                                 "a perfect fit or extreme values") from exc
     if not math.isfinite(res.fun):
         raise NumericalError("the log-likelihood is not finite at the solution; check the response "
                              "for a perfect fit or extreme values")
