@@ -7,10 +7,12 @@ flag (0 = this process is fine): a process whose fit raised takes part in that e
 process that has died (its connections closed) and a collective that does not complete within the
 *collective timeout* also end in :class:`~torchmix.errors.DistributedError`, so no process hangs.
 
-The collective timeout is :data:`DEFAULT_TIMEOUT` seconds, or the environment variable
-``TORCHMIX_COLLECTIVE_TIMEOUT`` (seconds), or :func:`set_collective_timeout`. It bounds the wait of
-one collective, i.e. the time between two synchronisation points of a fit (one likelihood
-evaluation), not the whole fit.
+The collective timeout is, in this order of precedence: :func:`set_collective_timeout`, the
+environment variable ``TORCHMIX_COLLECTIVE_TIMEOUT`` (seconds), the timeout of the process group
+(``init_process_group(timeout=...)``; the command line's ``--timeout``), or :data:`DEFAULT_TIMEOUT`.
+It bounds the wait of one collective -- the time between two synchronisation points of a fit (one
+likelihood evaluation; at the start, the time the slowest process takes to build its design) --
+not the whole fit.
 
 A collective whose data fit in a fixed-size *packet* (set for the fit from the model's dimensions,
 so that every process, even one that failed early, uses the same size) carries the flag in the same
@@ -36,7 +38,7 @@ from .context import World
 
 __all__ = ["DEFAULT_TIMEOUT", "collective_timeout", "set_collective_timeout", "Collectives", "guarded"]
 
-DEFAULT_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = 1800.0
 _timeout: Optional[float] = None
 
 
@@ -60,7 +62,19 @@ def collective_timeout() -> float:
             value = 0.0
         if value > 0:
             return value
-    return DEFAULT_TIMEOUT
+    return _group_timeout() or DEFAULT_TIMEOUT
+
+
+def _group_timeout() -> Optional[float]:
+    """The default process group's timeout in seconds, where torch exposes it."""
+    dist = torch.distributed
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        device = torch.device("cpu" if dist.get_backend() == "gloo" else "cuda")
+        seconds = group._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # no group, or a torch without these internals
+        return None
+    return float(seconds) if seconds > 0 else None
 
 
 class Collectives:

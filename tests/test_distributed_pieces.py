@@ -1,5 +1,6 @@
-"""Shards of whole top-level groups: the assignment, the renumbering, and per-group likelihood
-contributions that equal those of the full model (no processes needed)."""
+"""Pieces of data-parallel fits that need no processes: shards of whole top-level groups (the
+assignment, the renumbering, per-group likelihood contributions equal to those of the full model)
+and the collective timeout."""
 
 from __future__ import annotations
 
@@ -89,3 +90,20 @@ def test_distributed_error_is_a_runtime_error():
 def test_single_process_fit_does_not_use_the_group(sleep_w):
     res, _ = _tensors("Reaction ~ Days + (1 + Days | Subject)", sleep_w, weights=["w1", "w2"])
     assert "world_size" not in res._out.extra
+
+
+def test_collective_timeout_precedence(monkeypatch):
+    from torchmix.distributed import collectives
+
+    monkeypatch.delenv("TORCHMIX_COLLECTIVE_TIMEOUT", raising=False)
+    assert collectives.collective_timeout() == collectives.DEFAULT_TIMEOUT  # no process group here
+    monkeypatch.setenv("TORCHMIX_COLLECTIVE_TIMEOUT", "42")
+    assert collectives.collective_timeout() == 42.0
+    collectives.set_collective_timeout(7)
+    try:
+        assert collectives.collective_timeout() == 7.0
+        with pytest.raises(ValueError):
+            collectives.set_collective_timeout(0)
+    finally:
+        collectives.set_collective_timeout(None)
+    assert collectives.collective_timeout() == 42.0
