@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..likelihood.agq import AGQLogLik
+from ..quadrature import check_n_quad
 from ..tensors import ModelTensors
 from .collectives import Collectives
 from .shard import Shard, shard_tensors
@@ -67,7 +68,6 @@ class DataParallelAGQ:
         self.p = full.n_fixed
         self.kw = dict(dtype=full.X.dtype, device=full.X.device)
         self.local = None if self.shard.empty else AGQLogLik(self.shard.tensors, family, n_quad)
-        from ..quadrature import check_n_quad
         self.n_quad = self.local.n_quad if self.local is not None else check_n_quad(n_quad)
 
     # ------------------------------------------------------------------ sums
@@ -89,8 +89,6 @@ class DataParallelAGQ:
     def loglik(self, beta: torch.Tensor, lambdas: Sequence[torch.Tensor], kappa=None) -> torch.Tensor:
         """The total :math:`\\ell` as a ``(1,)`` tensor (its ``sum()`` is the log-likelihood)."""
         return _Summed.apply(self, beta, *lambdas)
-
-    __call__ = loglik
 
     # ------------------------------------------------------------------ per group
     def _ids(self, level: int) -> list:
