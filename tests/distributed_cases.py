@@ -47,6 +47,12 @@ def fit(name: str, rank: int = 0):
         if name == "two_tops":
             return tm.mix("Reaction ~ Days + (1 | Subject) + (1 | Group)", sleepstudy_two_tops(),
                           weights=["c1", "c2", "c3"], cweights=True, progress=False, num_threads=1)
+        if name == "logit3":
+            from glmm_support import simulate
+
+            return tm.mix("y ~ x + (1 | g) + (1 | k)", simulate("binomial", n_top=8, levels=3, seed=3),
+                          weights=["c1", "c2", "c3"], cweights=True, family="binomial", n_quad=5, progress=False,
+                          num_threads=1)
         if name == "logit":
             return tm.mix("use ~ age + urban + (1 | district)", contraception_weighted(), weights=["w1", "w2"],
                           family="binomial", n_quad=7, progress=False, num_threads=1)
