@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -30,9 +31,35 @@ def sleepstudy_two_tops() -> pd.DataFrame:
     return df
 
 
+@contextmanager
+def failing_evaluations(after: int):
+    """Within the block, this process's ``after``-th gaussian likelihood evaluation raises."""
+    from torchmix.likelihood.gaussian import GaussianLikelihood
+
+    original, calls = GaussianLikelihood.integrate, {"n": 0}
+
+    def integrate(self, thetas):
+        calls["n"] += 1
+        if calls["n"] >= after:
+            raise RuntimeError("injected failure in a likelihood evaluation")
+        return original(self, thetas)
+
+    GaussianLikelihood.integrate = integrate
+    try:
+        yield
+    finally:
+        GaussianLikelihood.integrate = original
+
+
 def fit(name: str, rank: int = 0):
     """Fit case ``name`` (warnings silenced: the comparison is about numbers). Case ``mismatch`` is
-    ``slope2`` with one response value changed on process 1 (processes holding different data)."""
+    ``slope2`` with one response value changed on process 1 (processes holding different data);
+    case ``raise`` is ``slope2`` whose 4th likelihood evaluation raises on process 1."""
+    if name == "raise":
+        if rank != 1:
+            return fit("slope2")
+        with failing_evaluations(4):
+            return fit("slope2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name in ("slope2", "mismatch"):
