@@ -54,12 +54,21 @@ def failing_evaluations(after: int):
 def fit(name: str, rank: int = 0):
     """Fit case ``name`` (warnings silenced: the comparison is about numbers). Case ``mismatch`` is
     ``slope2`` with one response value changed on process 1 (processes holding different data);
-    case ``raise`` is ``slope2`` whose 4th likelihood evaluation raises on process 1."""
+    case ``raise`` is ``slope2`` whose 4th likelihood evaluation raises on process 1 (spread over the
+    processes); ``slope2_spread`` is ``slope2`` spread over the processes."""
+    if name == "slope2_spread":  # the two-level linear fit spread over the processes as well
+        from torchmix.distributed import data_parallel
+
+        data_parallel.REPLICATE_TWO_LEVEL_NEWTON = False
+        try:
+            return fit("slope2")
+        finally:
+            data_parallel.REPLICATE_TWO_LEVEL_NEWTON = True
     if name == "raise":
         if rank != 1:
-            return fit("slope2")
+            return fit("slope2_spread")
         with failing_evaluations(4):
-            return fit("slope2")
+            return fit("slope2_spread")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name in ("slope2", "mismatch"):

@@ -60,6 +60,7 @@ def main() -> int:
             continue
         out[name] = distributed_cases.extract(res)
         out[name + "/world_size"] = res._out.extra.get("world_size")
+        out[name + "/data_parallel"] = res._out.extra.get("data_parallel")
     with open(spec["out"].format(rank=rank), "wb") as fh:
         pickle.dump(out, fh)
     if code:

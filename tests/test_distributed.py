@@ -96,7 +96,7 @@ def _single(name: str) -> dict:
 
 
 def _assert_same(name: str, got: dict) -> None:
-    want = _single(name)
+    want = _single("slope2" if name == "slope2_spread" else name)
     assert set(got) == set(want)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], err_msg=f"{name}: {key}", **TOL)
@@ -104,7 +104,7 @@ def _assert_same(name: str, got: dict) -> None:
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    cases = ["slope2", "three", "logit", "logit3"]
+    cases = ["slope2", "slope2_spread", "three", "logit", "logit3"]
     results, _ = _launch(tmp_path, 2, ["mismatch", "raise"] + cases)
     for rank, (code, data, log) in enumerate(results):
         assert data is not None, f"rank {rank} failed:\n{log}"
@@ -120,7 +120,9 @@ def test_two_processes_equal_one(tmp_path):
         # ... and the group stays usable: the fits that follow succeed
         for name in cases:
             assert "error" not in data[name], data[name]
-            assert data[name + "/world_size"] == 2  # the fit ran across the processes
+            assert data[name + "/world_size"] == 2
+            # spread over the processes, except the two-level linear fit (every process makes it)
+            assert data[name + "/data_parallel"] == (name != "slope2")
             _assert_same(name, data[name])
 
 
@@ -133,7 +135,7 @@ def test_uneven_shards(tmp_path):
     results, _ = _launch(tmp_path, 3, ["two_tops"])
     for rank, (code, data, log) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{log}"
-        assert data["two_tops/world_size"] == 3
+        assert data["two_tops/world_size"] == 3 and data["two_tops/data_parallel"]
         _assert_same("two_tops", data["two_tops"])
 
 
@@ -144,11 +146,11 @@ def test_failing_process_ends_every_process(tmp_path, how):
     # DistributedError (at the latest after the collective timeout), not wait for ever
     # (a process that raises: test_two_processes_equal_one)
     timeout = 5.0 if how == "hang" else 20.0
-    results, elapsed = _launch(tmp_path, 2, ["slope2"], timeout=timeout, wall=40.0, grace=1.0, fail_rank=1,
+    results, elapsed = _launch(tmp_path, 2, ["slope2_spread"], timeout=timeout, wall=40.0, grace=1.0, fail_rank=1,
                                fail_after=4, fail_how=how)
     (code0, data0, log0), (code1, data1, log1) = results
     assert code0 == 3, log0
-    data0, data1 = data0["slope2"], (data1 or {}).get("slope2")
+    data0 = data0["slope2_spread"]
     assert data0["error"] == "DistributedError", log0
     assert elapsed < 35.0
     if how == "exit":

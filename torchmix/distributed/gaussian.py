@@ -200,5 +200,4 @@ def _finish(prof: _Profile, shard: Shard, full: ModelTensors, res, small_sample)
                      theta=[t.detach() for t in thetas], sigma=float(sigma), tau=tau.detach(), tau_cov=tau_cov,
                      lnl=float(ell), u=[u.detach() for u in us], b=[b.detach() for b in bs],
                      converged=res.converged, iterations=res.iterations, message=res.message,
-                     scores=scores, extra={"grad_max": res.grad_max, "hessian": hess, "psi": psi.detach(),
-                                           "world_size": coll.size})
+                     scores=scores, extra={"grad_max": res.grad_max, "hessian": hess, "psi": psi.detach()})
