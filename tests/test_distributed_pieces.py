@@ -96,7 +96,10 @@ def test_collective_timeout_precedence(monkeypatch):
     from torchmix.distributed import collectives
 
     monkeypatch.delenv("TORCHMIX_COLLECTIVE_TIMEOUT", raising=False)
-    assert collectives.collective_timeout() == collectives.DEFAULT_TIMEOUT  # no process group here
+    monkeypatch.setattr(collectives, "_group_timeout", lambda: None)  # as without a process group
+    assert collectives.collective_timeout() == collectives.DEFAULT_TIMEOUT
+    monkeypatch.setattr(collectives, "_group_timeout", lambda: 123.0)
+    assert collectives.collective_timeout() == 123.0
     monkeypatch.setenv("TORCHMIX_COLLECTIVE_TIMEOUT", "42")
     assert collectives.collective_timeout() == 42.0
     collectives.set_collective_timeout(7)
