@@ -83,6 +83,11 @@ def fit(name: str, rank: int = 0):
         if name == "two_tops":
             return tm.mix("Reaction ~ Days + (1 | Subject) + (1 | Group)", sleepstudy_two_tops(),
                           weights=["c1", "c2", "c3"], cweights=True, progress=False, num_threads=1)
+        if name == "four":
+            from conftest import simulate_nested
+
+            return tm.mix("y ~ x + (1|cls) + (1|school) + (1|district)", simulate_nested(seed=11),
+                          weights=["w1c", "w2c", "w3c", "w4c"], cweights=True, progress=False, num_threads=1)
         if name == "logit3":
             from glmm_support import simulate
 

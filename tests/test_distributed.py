@@ -104,7 +104,7 @@ def _assert_same(name: str, got: dict) -> None:
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    cases = ["slope2", "slope2_spread", "three", "logit", "logit3"]
+    cases = ["slope2", "slope2_spread", "three", "four", "logit", "logit3"]
     results, _ = _launch(tmp_path, 2, ["mismatch", "raise"] + cases)
     for rank, (code, data, log) in enumerate(results):
         assert data is not None, f"rank {rank} failed:\n{log}"
