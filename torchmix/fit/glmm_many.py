@@ -37,6 +37,7 @@ import torch
 from ..covariance import lambda_from_theta, n_theta
 from ..likelihood.agq import AGQLogLik
 from ..likelihood.segments import Grouping
+from ..likelihood.warm_modes import warm_modes
 from ..tensors import FitOutput, LevelTensors, ModelTensors
 from .glmm import BOUNDARY_TOL, fit_glmm
 from .glmm_se import EPS_QUARTER, assemble, boundary_pattern
@@ -48,6 +49,8 @@ FIXED_STEPS = 30     # quasi-Newton steps started from the first value's Hessian
 LINE_HALVINGS = 10
 STOP = 1.0           # stop when max |gradient| < STOP * tol
 CHUNK_ROWS = 100_000  # rows of one stacked evaluation (values x N); larger stacks leave the cache
+WARM_SHIFT = 1e-2    # a warm start of the modes (few Newton steps) before evaluations this far from the last
+SUBSET_SHARE = 3     # values still moving are evaluated alone when fewer than 1/SUBSET_SHARE of the stack
 
 
 def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTensors:
@@ -100,6 +103,7 @@ class _Stacked:
                            for lv in tensors.levels]
         self.ell = torch.zeros(self.k, self.n_top, dtype=responses.dtype, device=responses.device)
         self._cache = (None, None)
+        self.at = responses.new_full((self.k, self.p + sum(self.sizes)), math.inf)  # where the modes are
         self._all, self._full = tuple(range(self.k)), None
         self.n_evals = 0
 
@@ -133,10 +137,16 @@ class _Stacked:
         """Log-likelihoods ``(r,)`` and gradients of the normalised ones ``(r, m)`` of the values
         ``rows`` (bool ``(K',)``) at ``psi[rows]``; also returns the row-level derivatives."""
         idx = tuple(torch.nonzero(rows).flatten().tolist())
-        module = self._module(idx)
         sel = list(idx)
-        module.set_modes([u[sel].reshape(-1, u.shape[2]) for u in self.u])
-        x = psi[sel].detach().clone().requires_grad_(True)
+        # a module over a new subset costs about two evaluations per value to build: evaluate every value
+        # (the others at their current point, results dropped) unless the subset is small
+        ran = self._all if SUBSET_SHARE * len(idx) >= self.k else idx
+        module = self._module(ran)
+        run = list(ran)
+        module.set_modes([u[run].reshape(-1, u.shape[2]) for u in self.u])
+        x = psi[run].detach().clone().requires_grad_(True)
+        if keep_modes and float((x.detach() - self.at[run]).abs().max()) > WARM_SHIFT:
+            self._warm(module, x.detach())
         self.n_evals += 1
         try:
             with torch.enable_grad():
@@ -145,11 +155,27 @@ class _Stacked:
                 grads = torch.autograd.grad(ell.sum(), [x, eta0] + zls)
         except torch.linalg.LinAlgError:  # a curvature not positive definite at some trial point: reject it
             return self._failed(len(sel))
+        ell = ell.detach().reshape(len(run), self.n_top)
+        g_psi, g_rows, modes = grads[0], list(grads[1:]), module.modes
+        if ran != idx:  # keep the values asked for
+            pick = rows.to(psi.device)
+            n = self.tensors.n_obs
+            ell, g_psi = ell[pick], g_psi[pick]
+            g_rows = [g.reshape((len(run), n) + g.shape[1:])[pick].reshape((-1,) + g.shape[1:]) for g in g_rows]
+            modes = [m.reshape((len(run), -1) + m.shape[1:])[pick].reshape((-1,) + m.shape[1:]) for m in modes]
         if keep_modes:
-            for u, new in zip(self.u, module.modes):
+            for u, new in zip(self.u, modes):
                 u[sel] = new.reshape(len(sel), -1, u.shape[2])
-        ell = ell.detach().reshape(len(sel), self.n_top)
-        return ell.sum(1), grads[0] / self.w_total, (ell, grads[1:])
+            self.at[sel] = psi[sel].detach()
+        return ell.sum(1), g_psi / self.w_total, (ell, g_rows)
+
+    def _warm(self, module: AGQLogLik, x: torch.Tensor) -> None:
+        """Bring the modes set in ``module`` close to their own at ``x`` before an evaluation after a long
+        step (:func:`~torchmix.likelihood.warm_modes.warm_modes`; the evaluation still searches them to its
+        tolerance, so the result does not depend on this start beyond rounding)."""
+        with torch.no_grad():
+            eta0, zls = self.pieces(x)
+        warm_modes(module, eta0, zls)
 
     def _failed(self, r: int):
         """What :meth:`value_grad` returns for ``r`` values it cannot evaluate: values -inf, NaN gradients."""
