@@ -1,0 +1,92 @@
+"""Stacked GLMM values: an evaluation of some values equals the same evaluation with every value in the
+stack (results of the others dropped), and a warm start of the modes changes nothing beyond rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import torchmix.fit.glmm_many as gm
+from torchmix.api import _prepare
+from torchmix.fit.glmm import fit_glmm
+from torchmix.likelihood.agq import AGQLogLik
+from torchmix.likelihood.warm_modes import warm_modes
+
+from conftest import simulate_nested
+
+
+def _problem(k=7):
+    df = simulate_nested(n_top=12, levels=3, seed=6)
+    rng = np.random.default_rng(3)
+    cols = []
+    for j in range(k):
+        df[f"v{j}"] = (df["y"] + rng.normal(0, 1, len(df)) > 1.5).astype(float)
+        cols.append(f"v{j}")
+    prep = _prepare("y ~ x + (1 | cls)", df, ["w1c", "w2c"], cweights=True, family="binomial", progress=False,
+                    plausible_values={"y": cols})
+    t, fam = prep.design.tensors, prep.family
+    ys = torch.stack([prep.responses[c] for c in cols], dim=1)
+    first = fit_glmm(t.with_response(ys[:, 0]), fam, n_quad=5, progress=False)
+    return t, fam, ys, first
+
+
+def _points(k):
+    """A point per value, away from the first value's estimates (on the original columns)."""
+    return torch.linspace(-0.2, 0.2, k, dtype=torch.float64)
+
+
+def _evaluate(t, fam, ys, first, rows, shifts):
+    prob = gm._Stacked(t, ys[:, 1:], fam, 5, first)
+    psi = first.beta.new_zeros(prob.k, t.n_fixed + 1)
+    psi[:, :t.n_fixed] = first.beta
+    psi[:, t.n_fixed] = first.theta[0][0] * 0.9
+    psi[:, 0] += shifts
+    val, grad, (ell, row_grads) = prob.value_grad(psi, rows)
+    return val, grad, ell, row_grads, [u[rows] for u in prob.u]
+
+
+def test_a_small_subset_and_the_whole_stack_give_the_same_values():
+    t, fam, ys, first = _problem()
+    one = torch.zeros(ys.shape[1] - 1, dtype=torch.bool)
+    one[4] = True  # fewer than a third of the values: a module over that value alone
+    many = torch.ones_like(one)
+    many[[0, 2]] = False  # more than a third: the whole stack, two values dropped
+    for rows in (one, many):
+        shifts = _points(len(one))
+        alone = [_evaluate(t, fam, ys[:, [0, 1 + j]], first, torch.ones(1, dtype=torch.bool), shifts[j:j + 1])
+                 for j in torch.nonzero(rows).flatten().tolist()]
+        val, grad, ell, row_grads, modes = _evaluate(t, fam, ys, first, rows, shifts)
+        assert val.shape == (int(rows.sum()),) and ell.shape[0] == int(rows.sum())
+        n = t.n_obs
+        for i, ref in enumerate(alone):
+            np.testing.assert_allclose(val[i].item(), ref[0][0].item(), rtol=1e-12)
+            np.testing.assert_allclose(grad[i].numpy(), ref[1][0].numpy(), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(row_grads[0][i * n:(i + 1) * n].numpy(), ref[3][0].numpy(), rtol=1e-9,
+                                       atol=1e-12)
+            np.testing.assert_allclose(modes[0][i].numpy(), ref[4][0][0].numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_a_warm_start_of_the_modes_leaves_the_evaluation_unchanged():
+    t, fam, ys, first = _problem(2)
+    tt = t.with_response(ys[:, 1])
+    beta, lam = first.beta * 0.8, [first.theta[0][0] * 1.3]
+    out = []
+    for warm in (False, True):
+        module = AGQLogLik(tt, fam, 5)
+        module.set_modes([m + 1.5 for m in first.u])  # far from the modes of this response
+        eta0 = tt.X @ beta
+        zls = [tt.levels[0].Z * lam[0]]
+        if warm:
+            assert warm_modes(module, eta0, zls)
+            assert not torch.allclose(module.modes[0], first.u[0] + 1.5)
+        out.append((module(eta0, zls).detach(), module.modes[0]))
+    np.testing.assert_allclose(out[1][0].numpy(), out[0][0].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(out[1][1].numpy(), out[0][1].numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_warm_start_applies_only_to_canonical_links_with_one_effect():
+    t, fam, ys, first = _problem(2)
+    from torchmix.families import get_family
+    probit = get_family("binomial", "probit")
+    module = AGQLogLik(t.with_response(ys[:, 1]), probit, 5)
+    assert not warm_modes(module, t.X @ first.beta, [t.levels[0].Z])
