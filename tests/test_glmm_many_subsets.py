@@ -90,3 +90,38 @@ def test_the_warm_start_applies_only_to_canonical_links_with_one_effect():
     probit = get_family("binomial", "probit")
     module = AGQLogLik(t.with_response(ys[:, 1]), probit, 5)
     assert not warm_modes(module, t.X @ first.beta, [t.levels[0].Z])
+
+
+class _Quadratic:
+    """Values k with log-likelihood -(psi - a_k)' H_k (psi - a_k) / 2, the interface of the stacked values."""
+
+    def __init__(self, hess, centre):
+        self.hess, self.centre, self.k = hess, centre, hess.shape[0]
+
+    def value_grad(self, psi, rows):
+        d = (psi - self.centre)[rows]
+        hd = (self.hess[rows] @ d[:, :, None])[:, :, 0]
+        return -0.5 * (d * hd).sum(1), -hd, None
+
+    def keep(self, rows, take, extra):
+        pass
+
+
+def test_quasi_newton_updates_reach_the_optimum_and_sr1_needs_fewer_steps():
+    rng = np.random.default_rng(0)
+    k, m = 5, 4
+    a = torch.as_tensor(rng.normal(size=(k, m, m)))
+    hess = a @ a.transpose(1, 2) + m * torch.eye(m, dtype=torch.float64)
+    centre = torch.as_tensor(rng.normal(size=(k, m)))
+    prob = _Quadratic(hess, centre)
+    psi = torch.zeros(k, m, dtype=torch.float64)
+    val, g, _ = prob.value_grad(psi, torch.ones(k, dtype=torch.bool))
+    start = hess.mean(0).expand(k, -1, -1)  # a shared approximation, as the first value's Hessian
+    every = torch.ones(k, dtype=torch.bool)
+    found = {}
+    for update in ("bfgs", "sr1"):
+        out = gm._newton(prob, psi, val, g, start, every, 1e-12, 30, update=update)
+        np.testing.assert_allclose(out[0].numpy(), centre.numpy(), atol=1e-11)
+        assert not bool(out[4].any())
+        found[update] = out[3]
+    assert bool((found["sr1"] <= found["bfgs"]).all()) and int(found["sr1"].sum()) < int(found["bfgs"].sum())

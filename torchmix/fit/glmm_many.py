@@ -11,8 +11,9 @@ Each value starts from the first value's solution and modes (carried from the st
 the single fit works on to the original ones) and takes quasi-Newton steps with a per-value
 backtracking line search, evaluating only the values still moving:
 
-1. BFGS steps started from the first value's Hessian until the gradient is below the convergence
-   tolerance (the test of :func:`~torchmix.fit.glmm.fit_glmm`);
+1. quasi-Newton steps (symmetric rank-one updates, BFGS where these would lose positive definiteness)
+   started from the first value's Hessian until the gradient is below the convergence tolerance (the
+   test of :func:`~torchmix.fit.glmm.fit_glmm`);
 2. the value's own Hessian there, by central differences of the exact gradient exactly as
    :func:`~torchmix.fit.glmm_se.fd_hessian` does it, the 2m difference evaluations batched over values
    (central differences with this step amplify rounding by only ~1e4, so the result does not depend on
@@ -231,14 +232,18 @@ def _regular(psi_row: torch.Tensor, p: int, term_sizes) -> bool:
     return True
 
 
-def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_steps: int, test_scale=None):
+def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_steps: int, test_scale=None,
+            update: str = "bfgs"):
     r"""Per-value quasi-Newton steps :math:`\psi \leftarrow \psi + \alpha B^{-1}g` with backtracking on the
     log-likelihood, for the values in ``active`` until their max |gradient| (times ``test_scale``,
     ``(K', m)``, when given) is below ``target``; only the values still moving are evaluated.
 
     ``neg_hess`` is ``(K', m, m)``: positive definite approximations :math:`B` of the negated Hessians,
     which receive the BFGS update after every accepted step (superlinear convergence from the first
-    value's Hessian). Returns ``(psi, val, g, steps, stuck)``.
+    value's Hessian); with ``update="sr1"`` the symmetric rank-one update
+    :math:`B + rr^\top/(r^\top s)`, :math:`r = y - Bs`, wherever it is defined and keeps :math:`B` positive
+    definite (in four or so dimensions it recovers the Hessian in fewer steps), BFGS elsewhere.
+    Returns ``(psi, val, g, steps, stuck)``.
     """
     steps = torch.zeros(prob.k, dtype=torch.int64)
     stuck = torch.zeros(prob.k, dtype=torch.bool)
@@ -281,7 +286,16 @@ def _newton(prob: _Stacked, psi, val, g, neg_hess, active, target: float, max_st
         safe_ys = torch.where(good, ys, torch.ones_like(ys))
         change = (y_vec[:, :, None] * y_vec[:, None, :] / safe_ys[:, None, None]
                   - bs[:, :, None] * bs[:, None, :] / safe_sbs[:, None, None])
-        b_mat = b_mat + torch.where(good[:, None, None], change, torch.zeros_like(change))
+        bfgs = b_mat + torch.where(good[:, None, None], change, torch.zeros_like(change))
+        if update == "sr1":  # symmetric rank one where it stays positive definite, BFGS elsewhere
+            r_vec = y_vec - bs
+            rs = (r_vec * s_vec).sum(1)
+            ok = rs.abs() > 1e-8 * r_vec.norm(dim=1) * s_vec.norm(dim=1)
+            sr1 = r_vec[:, :, None] * r_vec[:, None, :] / torch.where(ok, rs, torch.ones_like(rs))[:, None, None]
+            sr1 = b_mat + sr1
+            ok &= torch.linalg.cholesky_ex(sr1)[1] == 0
+            bfgs = torch.where(ok[:, None, None], sr1, bfgs)
+        b_mat = bfgs
     return psi, val, g, steps, stuck
 
 
@@ -369,7 +383,7 @@ def _fit_values(tensors, family, responses, n_quad, first, psi0, hess0, factor, 
     prob.keep(everyone, everyone, extra)
     # 1. quasi-Newton from the first value's Hessian to the convergence tolerance
     psi, val, g, steps, _ = _newton(prob, psi, val, g, (-hess0).expand(prob.k, -1, -1), everyone, tol * STOP,
-                                    FIXED_STEPS)
+                                    FIXED_STEPS, update="sr1")
     grad_max = g.abs().amax(1)
     ok = (grad_max < tol) & torch.isfinite(val)
     ok &= torch.tensor([_regular(row, p, term_sizes) for row in psi], dtype=torch.bool)
