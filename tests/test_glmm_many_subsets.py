@@ -125,3 +125,17 @@ def test_quasi_newton_updates_reach_the_optimum_and_sr1_needs_fewer_steps():
         assert not bool(out[4].any())
         found[update] = out[3]
     assert bool((found["sr1"] <= found["bfgs"]).all()) and int(found["sr1"].sum()) < int(found["bfgs"].sum())
+
+
+def test_an_evaluation_that_fails_at_a_value_not_asked_for_is_made_without_it():
+    t, fam, ys, first = _problem()
+    prob = gm._Stacked(t, ys[:, 1:], fam, 5, first)
+    psi = torch.cat([first.beta, first.theta[0] * 0.9]).expand(prob.k, -1).clone()
+    psi[0] = torch.tensor([0.0, 0.0, -1e300], dtype=psi.dtype)  # a point where value 0 cannot be evaluated
+    rows = torch.ones(prob.k, dtype=torch.bool)
+    assert not bool(torch.isfinite(prob.value_grad(psi, rows)[0][0]))
+    rows[0] = False
+    val, grad, _ = prob.value_grad(psi, rows)
+    ref = _evaluate(t, fam, ys[:, [0, 2]], first, torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.float64))
+    assert bool(torch.isfinite(val).all())
+    np.testing.assert_allclose(val[0].item(), ref[0][0].item(), rtol=1e-12)

@@ -137,14 +137,16 @@ class _Stacked:
             pos += k
         return eta0, zls
 
-    def value_grad(self, psi: torch.Tensor, rows: torch.Tensor, keep_modes: bool = True):
+    def value_grad(self, psi: torch.Tensor, rows: torch.Tensor, keep_modes: bool = True, whole: bool = True):
         """Log-likelihoods ``(r,)`` and gradients of the normalised ones ``(r, m)`` of the values
-        ``rows`` (bool ``(K',)``) at ``psi[rows]``; also returns the row-level derivatives."""
+        ``rows`` (bool ``(K',)``) at ``psi[rows]``; also returns the row-level derivatives.
+
+        A module over a new subset costs about two evaluations per value to build, so unless the subset
+        is small (or ``whole`` is False) every value is evaluated, the others at their rows of ``psi``,
+        and their results are dropped; if that evaluation fails, the subset is evaluated alone."""
         idx = tuple(torch.nonzero(rows).flatten().tolist())
         sel = list(idx)
-        # a module over a new subset costs about two evaluations per value to build: evaluate every value
-        # (the others at their current point, results dropped) unless the subset is small
-        ran = self._all if SUBSET_SHARE * len(idx) >= self.k else idx
+        ran = self._all if whole and SUBSET_SHARE * len(idx) >= self.k else idx
         module = self._module(ran)
         run = list(ran)
         module.set_modes([u[run].reshape(-1, u.shape[2]) for u in self.u])
@@ -158,6 +160,8 @@ class _Stacked:
                 ell = module(eta0, zls)
                 grads = torch.autograd.grad(ell.sum(), [x, eta0] + zls)
         except torch.linalg.LinAlgError:  # a curvature not positive definite at some trial point: reject it
+            if ran != idx:  # perhaps at a point of a value not asked for
+                return self.value_grad(psi, rows, keep_modes, whole=False)
             return self._failed(len(sel))
         ell = ell.detach().reshape(len(run), self.n_top)
         g_psi, g_rows, modes = grads[0], list(grads[1:]), module.modes
