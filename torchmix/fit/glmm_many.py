@@ -44,6 +44,7 @@ from ..likelihood.segments import Grouping
 from ..likelihood.warm_modes import warm_modes
 from ..tensors import FitOutput, LevelTensors, ModelTensors
 from .glmm import BOUNDARY_TOL, fit_glmm
+from .glmm_hessian import closed_form_hessians
 from .glmm_se import EPS_QUARTER, assemble, boundary_pattern
 from .quasi_newton import quasi_newton as _newton  # also used by glmm_replicates
 from .standardize import Standardizer
@@ -329,7 +330,9 @@ def _fit_values(tensors, family, responses, n_quad, first, psi0, hess0, factor, 
     ok &= torch.tensor([_regular(row, p, term_sizes) for row in psi], dtype=torch.bool)
     # 2. each value's own Hessian at its optimum (as the separate fit computes it)
     if bool(ok.any()):
-        hess = _fd_hessians(prob, psi, ok)
+        hess = closed_form_hessians(prob, psi, ok)
+        if hess is None:
+            hess = _fd_hessians(prob, psi, ok)
         ok &= torch.linalg.cholesky_ex(-hess)[1] == 0
         s_beta, s_lam = prob.top_scores()
     out = []

@@ -1,0 +1,264 @@
+r"""Exact Hessian of the two-level AGQ log-likelihood, one random effect, canonical link.
+
+Two levels, one random effect per group (column :math:`\zeta_i` of :math:`Z`, :math:`\Lambda=\theta`,
+:math:`\tilde z_i=\zeta_i\theta`), Bernoulli-logit or Poisson-log (:math:`\partial_\eta\log f=y-\mu`,
+:math:`-\partial^2_\eta\log f=\mu'`). With :math:`\psi=(\beta,\theta)` (``m = p + 1``), per group :math:`j`
+(index dropped) the quadrature of :class:`~torchmix.likelihood.agq.AGQLogLik` is
+
+.. math::
+    \log\mathcal L = -\log L + \log\sum_k e^{T_k},\quad
+    T_k = \lambda_k - \tfrac12 c_k^2 + \sum_i w_i\log f(y_i\mid\eta_{ik}),\quad
+    \eta_{ik} = x_i^\top\beta + \zeta_i\theta c_k,\quad c_k = \hat u + z_k/L,
+
+with :math:`\lambda_k=\log\omega_k+\frac12z_k^2`, the mode :math:`\hat u(\psi)` of
+:math:`\sum_iw_i\log f(y_i\mid x_i^\top\beta+\tilde z_i u)-u^2/2` and :math:`L(\psi)^2 = 1+\theta^2S`,
+:math:`S=\sum_iw_i\zeta_i^2\mu'(\hat\eta_i)` (the adaptation). Write :math:`v_{ik}=(x_i,\zeta_ic_k)`,
+:math:`r_{ik}=y_i-\mu_{ik}` and the partial derivatives of :math:`T_k` at fixed :math:`c_k`:
+
+.. math::
+    g_k=\textstyle\sum_iw_ir_{ik}v_{ik},\quad H_k=-\sum_iw_i\mu'_{ik}v_{ik}v_{ik}^\top,\quad
+    t_k=\partial_cT_k=-c_k+\theta\sum_iw_ir_{ik}\zeta_i,
+
+    s_k=\partial^2_cT_k=-1-\theta^2\textstyle\sum_iw_i\mu'_{ik}\zeta_i^2,\quad
+    q_k=\partial_\psi\partial_cT_k=-\theta\sum_iw_i\mu'_{ik}\zeta_iv_{ik}+e_\theta\sum_iw_ir_{ik}\zeta_i.
+
+With :math:`\gamma_k=dc_k/d\psi=\hat u_\psi-z_kL_\psi/L^2` and
+:math:`\Gamma_k=d^2c_k/d\psi^2=\hat u_{\psi\psi}-z_k(L_{\psi\psi}/L^2-2L_\psi L_\psi^\top/L^3)`, the total
+derivatives of :math:`T_k` are :math:`\tau_k=g_k+t_k\gamma_k` and
+:math:`\tau'_k=H_k+q_k\gamma_k^\top+\gamma_kq_k^\top+s_k\gamma_k\gamma_k^\top+t_k\Gamma_k`, and with
+:math:`P_k=\operatorname{softmax}_kT_k`, :math:`\bar\tau=\sum_kP_k\tau_k`,
+
+.. math::
+    \nabla^2\log\mathcal L = -\frac{L_{\psi\psi}}{L}+\frac{L_\psi L_\psi^\top}{L^2}
+    +\sum_kP_k\tau'_k+\sum_kP_k\tau_k\tau_k^\top-\bar\tau\bar\tau^\top .
+
+The adaptation's derivatives follow from the mode equation :math:`\theta\sum_iw_i\zeta_ir_i(\hat\eta_i)=\hat u`
+(:math:`\hat\eta_i=x_i^\top\beta+\zeta_i\theta\hat u`, :math:`\omega_i=d\hat\eta_i/d\psi=(x_i,\zeta_i\hat u)+\zeta_i\theta\hat u_\psi`):
+
+.. math::
+    L^2\hat u_\psi = e_\theta\textstyle\sum_iw_i\zeta_ir_i-\theta\sum_iw_i\zeta_i\mu'_i(x_i,\zeta_i\hat u),
+
+    L^2\hat u_{\psi\psi} = e_\theta b^\top+be_\theta^\top-\theta\textstyle\sum_iw_i\zeta_i\mu''_i\omega_i\omega_i^\top
+    -\theta S(e_\theta\hat u_\psi^\top+\hat u_\psi e_\theta^\top),\quad b=-\sum_iw_i\zeta_i\mu'_i\omega_i,
+
+    (L^2)_\psi = 2\theta Se_\theta+\theta^2S_\psi,\quad
+    (L^2)_{\psi\psi} = 2Se_\theta e_\theta^\top+2\theta(e_\theta S_\psi^\top+S_\psi e_\theta^\top)+\theta^2S_{\psi\psi},
+
+    S_\psi=\textstyle\sum_iw_i\zeta_i^2\mu''_i\omega_i,\quad
+    S_{\psi\psi}=\sum_iw_i\zeta_i^2\mu'''_i\omega_i\omega_i^\top
+    +\sum_iw_i\zeta_i^3\mu''_i\,(e_\theta\hat u_\psi^\top+\hat u_\psi e_\theta^\top+\theta\hat u_{\psi\psi}).
+
+The Hessian of :math:`\ell=\sum_jw^{(2)}_j\log\mathcal L_j` is the :math:`w^{(2)}`-weighted sum. Everything
+is batched over ``K`` parameter vectors (responses) sharing the design; the :math:`N\times K\times M`
+work is one transcendental pass for :math:`\mu` and one for :math:`\log f`, and three sparse products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import exp_into, log_into
+from .segments import Grouping
+
+__all__ = ["AGQHessian", "supports"]
+
+_ETA_CLAMP = 700.0
+
+
+def supports(family, n_levels: int, q: int):
+    """``"logit"`` or ``"poisson"`` when :class:`AGQHessian` covers the model, else None."""
+    from .kernels import LogitKernel, PoissonLogKernel, canonical_kernel
+
+    if n_levels != 2 or q != 1:
+        return None
+    return {LogitKernel: "logit", PoissonLogKernel: "poisson"}.get(canonical_kernel(family))
+
+
+def _mu_derivs(kind: str, eta: torch.Tensor):
+    r""":math:`(\mu, \mu', \mu'', \mu''')` of the inverse canonical link at ``eta``."""
+    if kind == "logit":
+        mu = torch.sigmoid(eta)
+        d1 = mu - mu * mu
+        return mu, d1, d1 * (1.0 - 2.0 * mu), d1 * (1.0 - 6.0 * d1)
+    mu = torch.exp(eta.clamp(-_ETA_CLAMP, _ETA_CLAMP))
+    return mu, mu, mu, mu
+
+
+def _stacked_rows(groups: Grouping, cols: torch.Tensor) -> torch.Tensor:
+    r"""CSR ``(G * c, N)`` with entry ``cols[i, a]`` at row ``g(i) * c + a``: segment sums of ``c`` weighted copies."""
+    n, c = cols.shape
+    rows = (groups.index[:, None] * c + torch.arange(c, device=cols.device)[None, :]).reshape(-1)
+    coo = torch.sparse_coo_tensor(torch.stack([rows, torch.arange(n, device=cols.device).repeat_interleave(c)]),
+                                  cols.reshape(-1), (groups.n * c, n), check_invariants=False)
+    return coo.coalesce().to_sparse_csr()
+
+
+def _node_pass(kind: str, y: torch.Tensor, base: torch.Tensor, a_row: torch.Tensor, nodes: torch.Tensor, buf):
+    r"""One value's node pass, :math:`\eta_{ik}=b_i+a_iz_k` (``base``, ``a_row`` ``(N,)``, ``y (N,)``): returns
+    :math:`\log f` (up to a term constant in :math:`\eta`), :math:`r=y-\mu` and :math:`\mu'`, ``(N, M)`` each,
+    written into the three ``(N, M)`` buffers ``buf``."""
+    t, resid, curv = buf
+    if kind == "logit":  # t = s eta with s = 2y - 1; p = sigmoid(t) the probability of the observed response
+        sign = 2.0 * y - 1.0
+        torch.addmm((sign * base)[:, None], (sign * a_row)[:, None], nodes[None, :], out=t)
+        prob = torch.sigmoid(t, out=curv)
+        torch.addcmul(sign[:, None], sign[:, None], prob, value=-1.0, out=resid)  # s (1 - p)
+        log_into(prob, t)
+        curv.addcmul_(prob, prob, value=-1.0)  # p (1 - p)
+        return t, resid, curv
+    torch.addmm(base[:, None], a_row[:, None], nodes[None, :], out=t)
+    t.clamp_(-_ETA_CLAMP, _ETA_CLAMP)
+    mu = exp_into(t, curv)
+    torch.sub(y[:, None], mu, out=resid)
+    return t.mul_(y[:, None]).sub_(mu), resid, mu
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a[..., :, None] * b[..., None, :]
+
+
+def _sym(a: torch.Tensor) -> torch.Tensor:
+    return a + a.transpose(-1, -2)
+
+
+class AGQHessian:
+    r"""Exact Hessians of :math:`\ell(\psi_k)=\sum_jw^{(2)}_j\log\mathcal L_j`, including the adaptation
+    (module notes), for responses sharing one design.
+
+    Parameters
+    ----------
+    kind : ``"logit"`` or ``"poisson"`` (:func:`supports`).
+    X : ``(N, p)`` fixed-effect design; offset : ``(N,)`` or None; zeta : ``(N,)`` the random-effect column.
+    w1 : ``(N,)`` conditional row weights; w2 : ``(G,)`` group weights; groups : rows to the ``G`` groups.
+    nodes : ``(M,)`` Gauss-Hermite nodes; log_weights_plus_norm : ``(M,)`` :math:`\log\omega_k+\tfrac12z_k^2`.
+
+    Call with ``y (N, K)`` responses, ``psi (K, m)`` parameters :math:`(\beta,\theta)` and ``u_hat (K, G)``
+    the modes at ``psi`` (as the evaluation at ``psi`` left them); returns ``(K, m, m)``. The node pass
+    runs one value at a time, so that it stays in the processor cache.
+    """
+
+    def __init__(self, kind: str, X, offset, zeta, w1, w2, groups: Grouping, nodes, log_weights_plus_norm):
+        self.kind, self.X, self.offset, self.zeta, self.w1, self.w2, self.groups = kind, X, offset, zeta, w1, w2, groups
+        self.nodes, self.lwn = nodes, log_weights_plus_norm
+        p = X.shape[1]
+        m = p + 1
+        v_cols = torch.cat([X, zeta[:, None]], dim=1)  # v_i = (x_i, zeta_i), (N, m)
+        self.pairs = pairs = torch.triu_indices(m, m, device=X.device)
+        self.zeta_pairs = [int(((pairs[0] == a) & (pairs[1] == p)).nonzero()) for a in range(m)]
+        pair_cols = v_cols[:, pairs[0]] * v_cols[:, pairs[1]]
+        self.moments_rows = _stacked_rows(groups, torch.cat([pair_cols, v_cols, torch.ones_like(zeta)[:, None]], 1))
+        self.w_rows = groups.matrix(w1)
+        self.v_rows = _stacked_rows(groups, w1[:, None] * v_cols)
+        self.pair_rows = _stacked_rows(groups, w1[:, None] * pair_cols)
+
+    def _node_sums(self, y, eta_hat, a_row):
+        r"""Over the nodes :math:`\eta_{ik}=\hat\eta_i+a_iz_k`: :math:`T` sums ``(G, K, M)``,
+        :math:`\sum_iw_ir_{ik}v_i` ``(G, m, K, M)`` and :math:`\sum_iw_i\mu'_{ik}v_{ia}v_{ib}` ``(G, pairs, K, M)``."""
+        n, k_all = eta_hat.shape
+        n_nodes = self.nodes.shape[0]
+        m, n_pairs = self.X.shape[1] + 1, self.pairs.shape[1]
+        like = dict(dtype=eta_hat.dtype, device=eta_hat.device)
+        out_t = torch.empty(self.groups.n, k_all * n_nodes, **like)
+        out_r = torch.empty(self.groups.n * m, k_all * n_nodes, **like)
+        out_c = torch.empty(self.groups.n * n_pairs, k_all * n_nodes, **like)
+        buf = [torch.empty(n, n_nodes, **like) for _ in range(3)]
+        for k in range(k_all):
+            logf, resid, curv = _node_pass(self.kind, y[:, k], eta_hat[:, k], a_row[:, k], self.nodes, buf)
+            cols = slice(k * n_nodes, (k + 1) * n_nodes)
+            out_t[:, cols] = self.w_rows @ logf
+            out_r[:, cols] = self.v_rows @ resid
+            out_c[:, cols] = self.pair_rows @ curv
+        g = self.groups.n
+        return (out_t.reshape(g, k_all, n_nodes), out_r.reshape(g, m, k_all, n_nodes),
+                out_c.reshape(g, n_pairs, k_all, n_nodes))
+
+    def __call__(self, y: torch.Tensor, psi: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
+        kind, X, offset, zeta, w1, w2, groups = (self.kind, self.X, self.offset, self.zeta, self.w1, self.w2,
+                                                  self.groups)
+        nodes, log_weights_plus_norm = self.nodes, self.lwn
+        n, p = X.shape
+        m, k_all, n_nodes = p + 1, psi.shape[0], nodes.shape[0]
+        dt, dev = psi.dtype, psi.device
+        gidx = groups.index
+        beta, theta = psi[:, :p], psi[:, p]
+        th = theta[None, :, None]  # (1, K, 1)
+        e_t = torch.zeros(m, dtype=dt, device=dev)
+        e_t[p] = 1.0
+        pairs, n_pairs = self.pairs, self.pairs.shape[1]
+        # ---- the mode and its derivatives
+        eta0 = X @ beta.transpose(0, 1)
+        if offset is not None:
+            eta0 = eta0 + offset[:, None]
+        zl = zeta[:, None] * theta[None, :]  # (N, K)
+        u = u_hat.transpose(0, 1)  # (G, K)
+        eta_hat = eta0 + zl * u.index_select(0, gidx)
+        mu, d1, d2, d3 = _mu_derivs(kind, eta_hat)
+        wd2, z1 = w1[:, None] * d2, zeta[:, None]
+        coefs = torch.stack([w1[:, None] * d1, w1[:, None] * (y - mu), wd2 * z1, wd2 * z1 * z1,
+                             w1[:, None] * d3 * z1 * z1, wd2 * z1 * z1 * z1], dim=2)  # (N, K, 6)
+        mom = (self.moments_rows @ coefs.reshape(n, -1)).reshape(-1, n_pairs + m + 1, k_all, 6).permute(0, 2, 3, 1)
+        m2 = torch.zeros(mom.shape[:3] + (m, m), dtype=dt, device=dev)  # sum coef v v^T, (G, K, 6, m, m)
+        m2[..., pairs[0], pairs[1]] = mom[..., :n_pairs]
+        m2[..., pairs[1], pairs[0]] = mom[..., :n_pairs]
+        m1, m0 = mom[..., n_pairs:n_pairs + m], mom[..., -1]  # sum coef v, sum coef
+        s_mu = m2[:, :, 0, p, p]  # S = sum w zeta^2 mu'
+        r_sum = m1[:, :, 1, p]  # sum w zeta r
+        l_sq = 1.0 + theta * theta * s_mu  # L^2, (G, K)
+        diag = torch.ones(u.shape + (m,), dtype=dt, device=dev)
+        diag[..., p] = u  # w_i = D v_i, D = diag(1, .., 1, u)
+        u_psi = (e_t * r_sum[:, :, None] - th * diag * m2[:, :, 0, :, p]) / l_sq[:, :, None]
+        a_mat = torch.diag_embed(diag)
+        a_mat[..., :, p] += th * u_psi  # omega_i = A v_i
+        a_t = a_mat.transpose(-1, -2)
+        b_vec = -(a_mat @ m2[:, :, 0, :, p, None])[..., 0]
+        sym_u = _sym(_outer(e_t.expand_as(u_psi), u_psi))  # e_t u_psi^T + u_psi e_t^T
+        u_pp = (_sym(_outer(e_t.expand_as(b_vec), b_vec)) - th[..., None] * (a_mat @ m2[:, :, 2] @ a_t)
+                - (theta * s_mu)[:, :, None, None] * sym_u) / l_sq[:, :, None, None]
+        s_psi = (a_mat @ m1[:, :, 3, :, None])[..., 0]
+        s_pp = a_mat @ m2[:, :, 4] @ a_t + m0[:, :, 5, None, None] * (sym_u + th[..., None] * u_pp)
+        q_psi = 2.0 * th * s_mu[:, :, None] * e_t + th * th * s_psi  # (L^2)_psi
+        q_pp = (2.0 * s_mu[:, :, None, None] * _outer(e_t, e_t)
+                + 2.0 * th[..., None] * _sym(_outer(e_t.expand_as(s_psi), s_psi)) + (th * th)[..., None] * s_pp)
+        l_fac = l_sq.sqrt()
+        l_psi = q_psi / (2.0 * l_fac[:, :, None])
+        l_pp = q_pp / (2.0 * l_fac[:, :, None, None]) - _outer(q_psi, q_psi) / (4.0 * (l_fac * l_sq)[:, :, None, None])
+        # ---- node pass: eta_ik = eta_hat_i + (zl_i / L_j) z_k
+        c = u[:, :, None] + nodes / l_fac[:, :, None]  # (G, K, M)
+        a_row = zl / l_fac.index_select(0, gidx)
+        t_nodes, sum_r, sum_c = self._node_sums(y, eta_hat, a_row)
+        total = t_nodes + log_weights_plus_norm - 0.5 * c * c
+        prob = torch.softmax(total, dim=2)  # (G, K, M)
+        sum_r = sum_r.permute(0, 2, 3, 1)  # (G, K, M, m): sum w r v
+        col_z = sum_c[:, self.zeta_pairs].permute(0, 2, 3, 1)  # (G, K, M, m): sum w mu' v zeta
+        # partial derivatives of T_k at fixed c_k (v_ik = (x_i, zeta_i c_k) = v_i scaled by (1, .., 1, c_k))
+        scale = torch.ones(c.shape + (m,), dtype=dt, device=dev)
+        scale[..., p] = c
+        g_k = sum_r * scale
+        r_z = sum_r[..., p]
+        t_k = -c + th * r_z
+        s_k = -1.0 - th * th * col_z[..., p]
+        q_k = -th[..., None] * col_z * scale
+        q_k[..., p] += r_z
+        # sum_k P_k H_k from the P c^e weighted pair sums, e = number of zeta factors in the pair
+        powers = torch.stack([prob, prob * c, prob * c * c], dim=2)  # (G, K, 3, M)
+        by_power = powers @ sum_c.permute(0, 2, 3, 1)  # (G, K, 3, pairs)
+        e_pair = (pairs[0] == p).long() + (pairs[1] == p).long()
+        h_pairs = by_power[:, :, e_pair, torch.arange(n_pairs, device=dev)]
+        h_bar = torch.zeros(u.shape + (m, m), dtype=dt, device=dev)
+        h_bar[..., pairs[0], pairs[1]] = -h_pairs
+        h_bar[..., pairs[1], pairs[0]] = -h_pairs
+        # total derivatives through the adaptation
+        zk = nodes[None, None, :, None]
+        ell = l_psi / l_sq[:, :, None]
+        gam = u_psi[:, :, None, :] - zk * ell[:, :, None, :]  # (G, K, M, m)
+        b_mat = l_pp / l_sq[:, :, None, None] - 2.0 * _outer(l_psi, l_psi) / (l_sq * l_fac)[:, :, None, None]
+        tau = g_k + t_k[..., None] * gam
+        p_tau = prob[..., None] * tau
+        tau_bar = p_tau.sum(2)
+        pt = prob * t_k
+        sum_d = (h_bar + _sym((prob[..., None] * q_k).transpose(-1, -2) @ gam)
+                 + ((prob * s_k)[..., None] * gam).transpose(-1, -2) @ gam
+                 + pt.sum(2)[..., None, None] * u_pp - (pt * nodes).sum(2)[..., None, None] * b_mat)
+        per_group = (-l_pp / l_fac[:, :, None, None] + _outer(l_psi, l_psi) / l_sq[:, :, None, None]
+                     + sum_d + p_tau.transpose(-1, -2) @ tau - _outer(tau_bar, tau_bar))
+        return torch.einsum("g,gkab->kab", w2, per_group)
