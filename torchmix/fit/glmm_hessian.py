@@ -11,35 +11,29 @@ from ..likelihood.agq_hessian import AGQHessian, supports
 from ..likelihood.segments import Grouping
 from ..quadrature import product_grid
 
-__all__ = ["closed_form_hessians"]
+__all__ = ["hessian_builder", "closed_form_hessians"]
 
 
-def _builder(prob):
-    """The :class:`AGQHessian` of the stacked problem ``prob`` (built once), or None where it does not apply."""
-    cached = prob.__dict__.get("_agq_hessian", False)
-    if cached is not False:
-        return cached
-    t = prob.tensors
-    lv = t.levels[0]
-    kind = supports(prob.family, t.n_levels, lv.q)
-    out = None
-    if kind is not None:
-        grid = product_grid(prob.n_quad, 1, dtype=t.X.dtype, device=t.X.device)
-        out = AGQHessian(kind, t.X, t.offset, lv.Z[:, 0], t.w1_cond, lv.w_cond, Grouping(lv.group, lv.n_groups),
-                         grid.nodes[:, 0], grid.log_weights_plus_norm)
-    prob.__dict__["_agq_hessian"] = out
-    return out
+def hessian_builder(tensors, family, n_quad: int):
+    """The :class:`AGQHessian` of the model (built once for all values), or None where it does not apply."""
+    lv = tensors.levels[0]
+    kind = supports(family, tensors.n_levels, lv.q)
+    if kind is None:
+        return None
+    grid = product_grid(n_quad, 1, dtype=tensors.X.dtype, device=tensors.X.device)
+    return AGQHessian(kind, tensors.X, tensors.offset, lv.Z[:, 0], tensors.w1_cond, lv.w_cond,
+                      Grouping(lv.group, lv.n_groups), grid.nodes[:, 0], grid.log_weights_plus_norm)
 
 
-def closed_form_hessians(prob, psi: torch.Tensor, rows: torch.Tensor):
+def closed_form_hessians(builder, prob, psi: torch.Tensor, rows: torch.Tensor):
     r"""Hessians ``(K', m, m)`` of the normalised log-likelihoods :math:`\ell/\sum_kw^{(2)}_k` of the values
     ``rows`` at ``psi`` (other rows 0), or None when the model has no closed form or the kept modes are not
     those at ``psi``.
 
-    ``prob`` is the :class:`~torchmix.fit.glmm_many._Stacked` problem: its modes ``u`` and the points ``at``
-    where they were found, ``responses`` ``(N, K')`` and ``w_total``.
+    ``builder`` is :func:`hessian_builder`'s; ``prob`` the :class:`~torchmix.fit.glmm_many._Stacked`
+    problem: its modes ``u`` and the points ``at`` where they were found, ``responses`` ``(N, K')`` and
+    ``w_total``.
     """
-    builder = _builder(prob)
     if builder is None or not bool(rows.any()):
         return None
     idx = torch.nonzero(rows).flatten()

@@ -44,7 +44,7 @@ from ..likelihood.segments import Grouping
 from ..likelihood.warm_modes import warm_modes
 from ..tensors import FitOutput, LevelTensors, ModelTensors
 from .glmm import BOUNDARY_TOL, fit_glmm
-from .glmm_hessian import closed_form_hessians
+from .glmm_hessian import closed_form_hessians, hessian_builder
 from .glmm_se import EPS_QUARTER, assemble, boundary_pattern
 from .quasi_newton import quasi_newton as _newton  # also used by glmm_replicates
 from .standardize import Standardizer
@@ -297,10 +297,10 @@ def fit_glmm_many(tensors: ModelTensors, family, responses: torch.Tensor, *, n_q
     scale = Standardizer.from_tensors(tensors)
     factor = torch.cat([scale.sx, scale.theta_factor()])
     psi0, hess0 = psi0 / factor, factor[:, None] * hess0 * factor[None, :]
-    out = [first]
+    out, exact = [first], hessian_builder(tensors, family, n_quad)
     for cols in even_chunks(list(range(1, k_all)), CHUNK_ROWS // max(tensors.n_obs, 1)):
         done = _fit_values(tensors, family, responses[:, cols], n_quad, first, psi0, hess0, factor, tol,
-                           small_sample)
+                           small_sample, exact)
         out += [fit_alone(k) if fit is None else fit for k, fit in zip(cols, done)]
     return out
 
@@ -312,7 +312,8 @@ def even_chunks(items: list, most: int) -> list:
     return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
 
 
-def _fit_values(tensors, family, responses, n_quad, first, psi0, hess0, factor, tol, small_sample) -> list:
+def _fit_values(tensors, family, responses, n_quad, first, psi0, hess0, factor, tol, small_sample,
+                exact=None) -> list:
     """Steps 1-3 of the module notes for the values ``responses (N, k)`` stacked together; None for a
     value that must be refitted on its own."""
     p = tensors.n_fixed
@@ -330,7 +331,7 @@ def _fit_values(tensors, family, responses, n_quad, first, psi0, hess0, factor, 
     ok &= torch.tensor([_regular(row, p, term_sizes) for row in psi], dtype=torch.bool)
     # 2. each value's own Hessian at its optimum (as the separate fit computes it)
     if bool(ok.any()):
-        hess = closed_form_hessians(prob, psi, ok)
+        hess = closed_form_hessians(exact, prob, psi, ok)
         if hess is None:
             hess = _fd_hessians(prob, psi, ok)
         ok &= torch.linalg.cholesky_ex(-hess)[1] == 0

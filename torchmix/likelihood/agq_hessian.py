@@ -85,9 +85,9 @@ def _mu_derivs(kind: str, eta: torch.Tensor):
 
 
 def _stacked_rows(groups: Grouping, cols: torch.Tensor) -> torch.Tensor:
-    r"""CSR ``(G * c, N)`` with entry ``cols[i, a]`` at row ``g(i) * c + a``: segment sums of ``c`` weighted copies."""
+    r"""CSR ``(c * G, N)`` with entry ``cols[i, a]`` at row ``a * G + g(i)``: segment sums of ``c`` weighted copies."""
     n, c = cols.shape
-    rows = (groups.index[:, None] * c + torch.arange(c, device=cols.device)[None, :]).reshape(-1)
+    rows = (groups.index[:, None] + groups.n * torch.arange(c, device=cols.device)[None, :]).reshape(-1)
     coo = torch.sparse_coo_tensor(torch.stack([rows, torch.arange(n, device=cols.device).repeat_interleave(c)]),
                                   cols.reshape(-1), (groups.n * c, n), check_invariants=False)
     return coo.coalesce().to_sparse_csr()
@@ -143,17 +143,23 @@ class AGQHessian:
         p = X.shape[1]
         m = p + 1
         v_cols = torch.cat([X, zeta[:, None]], dim=1)  # v_i = (x_i, zeta_i), (N, m)
-        self.pairs = pairs = torch.triu_indices(m, m, device=X.device)
-        self.zeta_pairs = [int(((pairs[0] == a) & (pairs[1] == p)).nonzero()) for a in range(m)]
+        # pairs (a <= b): those of x first, then (a, zeta) for a = 0..p, so that the pairs with e zeta factors
+        # are contiguous: e = 0 in [:n0], e = 1 in [n0:n0 + p], e = 2 last; the zeta column is [n0:]
+        x_pairs = torch.triu_indices(p, p, device=X.device)
+        last = torch.arange(m, device=X.device)
+        self.pairs = pairs = torch.cat([x_pairs, torch.stack([last, torch.full_like(last, p)])], dim=1)
+        self.n0 = x_pairs.shape[1]
         pair_cols = v_cols[:, pairs[0]] * v_cols[:, pairs[1]]
-        self.moments_rows = _stacked_rows(groups, torch.cat([pair_cols, v_cols, torch.ones_like(zeta)[:, None]], 1))
+        self.moment_pairs = _stacked_rows(groups, pair_cols)
+        self.moment_v = _stacked_rows(groups, v_cols)
+        self.moment_one = groups.ones(X.dtype)
         self.w_rows = groups.matrix(w1)
         self.v_rows = _stacked_rows(groups, w1[:, None] * v_cols)
         self.pair_rows = _stacked_rows(groups, w1[:, None] * pair_cols)
 
     def _node_sums(self, y, eta_hat, a_row):
         r"""Over the nodes :math:`\eta_{ik}=\hat\eta_i+a_iz_k`: :math:`T` sums ``(G, K, M)``,
-        :math:`\sum_iw_ir_{ik}v_i` ``(G, m, K, M)`` and :math:`\sum_iw_i\mu'_{ik}v_{ia}v_{ib}` ``(G, pairs, K, M)``."""
+        :math:`\sum_iw_ir_{ik}v_i` ``(m, G, K, M)`` and :math:`\sum_iw_i\mu'_{ik}v_{ia}v_{ib}` ``(pairs, G, K, M)``."""
         n, k_all = eta_hat.shape
         n_nodes = self.nodes.shape[0]
         m, n_pairs = self.X.shape[1] + 1, self.pairs.shape[1]
@@ -169,8 +175,8 @@ class AGQHessian:
             out_r[:, cols] = self.v_rows @ resid
             out_c[:, cols] = self.pair_rows @ curv
         g = self.groups.n
-        return (out_t.reshape(g, k_all, n_nodes), out_r.reshape(g, m, k_all, n_nodes),
-                out_c.reshape(g, n_pairs, k_all, n_nodes))
+        return (out_t.reshape(g, k_all, n_nodes), out_r.reshape(m, g, k_all, n_nodes),
+                out_c.reshape(n_pairs, g, k_all, n_nodes))
 
     def __call__(self, y: torch.Tensor, psi: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
         kind, X, offset, zeta, w1, w2, groups = (self.kind, self.X, self.offset, self.zeta, self.w1, self.w2,
@@ -194,28 +200,39 @@ class AGQHessian:
         eta_hat = eta0 + zl * u.index_select(0, gidx)
         mu, d1, d2, d3 = _mu_derivs(kind, eta_hat)
         wd2, z1 = w1[:, None] * d2, zeta[:, None]
-        coefs = torch.stack([w1[:, None] * d1, w1[:, None] * (y - mu), wd2 * z1, wd2 * z1 * z1,
-                             w1[:, None] * d3 * z1 * z1, wd2 * z1 * z1 * z1], dim=2)  # (N, K, 6)
-        mom = (self.moments_rows @ coefs.reshape(n, -1)).reshape(-1, n_pairs + m + 1, k_all, 6).permute(0, 2, 3, 1)
-        m2 = torch.zeros(mom.shape[:3] + (m, m), dtype=dt, device=dev)  # sum coef v v^T, (G, K, 6, m, m)
-        m2[..., pairs[0], pairs[1]] = mom[..., :n_pairs]
-        m2[..., pairs[1], pairs[0]] = mom[..., :n_pairs]
-        m1, m0 = mom[..., n_pairs:n_pairs + m], mom[..., -1]  # sum coef v, sum coef
-        s_mu = m2[:, :, 0, p, p]  # S = sum w zeta^2 mu'
-        r_sum = m1[:, :, 1, p]  # sum w zeta r
+        n_groups, n0 = groups.n, self.n0
+        z_sq = z1 * z1
+        two = (n, 2 * k_all)
+        mp = (self.moment_pairs @ torch.stack([wd2 * z1, w1[:, None] * d3 * z_sq], dim=2).reshape(two))
+        mp = mp.reshape(n_pairs, n_groups, k_all, 2)  # sum c v_a v_b for c = w mu2 zeta, w mu3 zeta^2
+        mv = (self.moment_v @ torch.stack([w1[:, None] * d1 * z1, wd2 * z_sq], dim=2).reshape(two))
+        mv = mv.reshape(m, n_groups, k_all, 2)  # sum c v for c = w mu1 zeta, w mu2 zeta^2
+        mo = (self.moment_one @ torch.stack([w1[:, None] * (y - mu) * z1, wd2 * z_sq * z1], dim=2).reshape(two))
+        mo = mo.reshape(n_groups, k_all, 2)  # sum w zeta r, sum w mu2 zeta^3
+
+        def second(j):  # sum c_j v v^T, (G, K, m, m)
+            out = torch.empty(n_groups, k_all, m, m, dtype=dt, device=dev)
+            vals = mp[..., j].permute(1, 2, 0)
+            out[..., pairs[0], pairs[1]] = vals
+            out[..., pairs[1], pairs[0]] = vals
+            return out
+
+        m2_0z = mv[..., 0].permute(1, 2, 0)  # sum w mu1 v zeta, (G, K, m)
+        s_mu = m2_0z[..., p]  # S = sum w zeta^2 mu1
+        r_sum = mo[..., 0]  # sum w zeta r
         l_sq = 1.0 + theta * theta * s_mu  # L^2, (G, K)
         diag = torch.ones(u.shape + (m,), dtype=dt, device=dev)
         diag[..., p] = u  # w_i = D v_i, D = diag(1, .., 1, u)
-        u_psi = (e_t * r_sum[:, :, None] - th * diag * m2[:, :, 0, :, p]) / l_sq[:, :, None]
+        u_psi = (e_t * r_sum[:, :, None] - th * diag * m2_0z) / l_sq[:, :, None]
         a_mat = torch.diag_embed(diag)
         a_mat[..., :, p] += th * u_psi  # omega_i = A v_i
         a_t = a_mat.transpose(-1, -2)
-        b_vec = -(a_mat @ m2[:, :, 0, :, p, None])[..., 0]
+        b_vec = -(a_mat @ m2_0z[..., None])[..., 0]
         sym_u = _sym(_outer(e_t.expand_as(u_psi), u_psi))  # e_t u_psi^T + u_psi e_t^T
-        u_pp = (_sym(_outer(e_t.expand_as(b_vec), b_vec)) - th[..., None] * (a_mat @ m2[:, :, 2] @ a_t)
+        u_pp = (_sym(_outer(e_t.expand_as(b_vec), b_vec)) - th[..., None] * (a_mat @ second(0) @ a_t)
                 - (theta * s_mu)[:, :, None, None] * sym_u) / l_sq[:, :, None, None]
-        s_psi = (a_mat @ m1[:, :, 3, :, None])[..., 0]
-        s_pp = a_mat @ m2[:, :, 4] @ a_t + m0[:, :, 5, None, None] * (sym_u + th[..., None] * u_pp)
+        s_psi = (a_mat @ mv[..., 1].permute(1, 2, 0)[..., None])[..., 0]
+        s_pp = a_mat @ second(1) @ a_t + mo[..., 1, None, None] * (sym_u + th[..., None] * u_pp)
         q_psi = 2.0 * th * s_mu[:, :, None] * e_t + th * th * s_psi  # (L^2)_psi
         q_pp = (2.0 * s_mu[:, :, None, None] * _outer(e_t, e_t)
                 + 2.0 * th[..., None] * _sym(_outer(e_t.expand_as(s_psi), s_psi)) + (th * th)[..., None] * s_pp)
@@ -228,37 +245,42 @@ class AGQHessian:
         t_nodes, sum_r, sum_c = self._node_sums(y, eta_hat, a_row)
         total = t_nodes + log_weights_plus_norm - 0.5 * c * c
         prob = torch.softmax(total, dim=2)  # (G, K, M)
-        sum_r = sum_r.permute(0, 2, 3, 1)  # (G, K, M, m): sum w r v
-        col_z = sum_c[:, self.zeta_pairs].permute(0, 2, 3, 1)  # (G, K, M, m): sum w mu' v zeta
-        # partial derivatives of T_k at fixed c_k (v_ik = (x_i, zeta_i c_k) = v_i scaled by (1, .., 1, c_k))
-        scale = torch.ones(c.shape + (m,), dtype=dt, device=dev)
-        scale[..., p] = c
-        g_k = sum_r * scale
-        r_z = sum_r[..., p]
-        t_k = -c + th * r_z
-        s_k = -1.0 - th * th * col_z[..., p]
-        q_k = -th[..., None] * col_z * scale
-        q_k[..., p] += r_z
-        # sum_k P_k H_k from the P c^e weighted pair sums, e = number of zeta factors in the pair
-        powers = torch.stack([prob, prob * c, prob * c * c], dim=2)  # (G, K, 3, M)
-        by_power = powers @ sum_c.permute(0, 2, 3, 1)  # (G, K, 3, pairs)
-        e_pair = (pairs[0] == p).long() + (pairs[1] == p).long()
-        h_pairs = by_power[:, :, e_pair, torch.arange(n_pairs, device=dev)]
-        h_bar = torch.zeros(u.shape + (m, m), dtype=dt, device=dev)
-        h_bar[..., pairs[0], pairs[1]] = -h_pairs
-        h_bar[..., pairs[1], pairs[0]] = -h_pairs
-        # total derivatives through the adaptation
-        zk = nodes[None, None, :, None]
+        # partial derivatives of T_k at fixed c_k (v_ik = (x_i, zeta_i c_k)), component-major (., G, K, M)
+        r_z = sum_r[p]
+        t_k = th * r_z - c
+        col_z = sum_c[n0:]  # sum w mu' v zeta
+        s_k = -1.0 - th * th * col_z[p]
+        q_k = col_z * (-th)
+        q_k[p].mul_(c).add_(r_z)
+        # tau_k = E phi_k with phi_k = (g_k, t_k, t_k z_k) and E = [I, u_psi, -ell], ell = L_psi / L^2
+        phi = torch.empty((m + 2,) + c.shape, dtype=dt, device=dev)
+        phi[:p] = sum_r[:p]
+        torch.mul(c, r_z, out=phi[p])
+        phi[p + 1] = t_k
+        torch.mul(t_k, nodes, out=phi[p + 2])
+        p_phi = prob * phi
+        phi_moments = torch.einsum("agkm,bgkm->gkab", p_phi, phi)  # sum_k P phi phi^T
         ell = l_psi / l_sq[:, :, None]
-        gam = u_psi[:, :, None, :] - zk * ell[:, :, None, :]  # (G, K, M, m)
+        e_mat = torch.cat([torch.eye(m, dtype=dt, device=dev).expand(n_groups, k_all, m, m), u_psi[..., None],
+                           -ell[..., None]], dim=3)  # (G, K, m, m + 2)
+        tau_bar = (e_mat @ p_phi.sum(-1).permute(1, 2, 0)[..., None])[..., 0]
+        p_z = prob * nodes
+        # sum_k P_k H_k from the P c^e weighted pair sums, e = number of zeta factors in the pair
+        p_c = prob * c
+        h_pairs = torch.cat([(sum_c[:n0] * prob).sum(-1), (sum_c[n0:n0 + p] * p_c).sum(-1),
+                             (sum_c[n0 + p] * p_c * c).sum(-1)[None]]).permute(1, 2, 0)  # (G, K, pairs)
+        h_bar = torch.empty(n_groups, k_all, m, m, dtype=dt, device=dev)
+        h_bar[..., pairs[0], pairs[1]] = h_pairs
+        h_bar[..., pairs[1], pairs[0]] = h_pairs
+        # gamma_k = u_psi - z_k ell, Gamma_k = u_pp - z_k B
         b_mat = l_pp / l_sq[:, :, None, None] - 2.0 * _outer(l_psi, l_psi) / (l_sq * l_fac)[:, :, None, None]
-        tau = g_k + t_k[..., None] * gam
-        p_tau = prob[..., None] * tau
-        tau_bar = p_tau.sum(2)
-        pt = prob * t_k
-        sum_d = (h_bar + _sym((prob[..., None] * q_k).transpose(-1, -2) @ gam)
-                 + ((prob * s_k)[..., None] * gam).transpose(-1, -2) @ gam
-                 + pt.sum(2)[..., None, None] * u_pp - (pt * nodes).sum(2)[..., None, None] * b_mat)
+        q_0 = (prob * q_k).sum(-1).permute(1, 2, 0)
+        q_1 = (p_z * q_k).sum(-1).permute(1, 2, 0)
+        s_0, s_1, s_2 = ((prob * s_k).sum(-1)[..., None, None], (p_z * s_k).sum(-1)[..., None, None],
+                         (p_z * nodes * s_k).sum(-1)[..., None, None])
+        sum_d = (-h_bar + _sym(_outer(q_0, u_psi) - _outer(q_1, ell))
+                 + s_0 * _outer(u_psi, u_psi) - s_1 * _sym(_outer(u_psi, ell)) + s_2 * _outer(ell, ell)
+                 + (prob * t_k).sum(-1)[..., None, None] * u_pp - (p_z * t_k).sum(-1)[..., None, None] * b_mat)
         per_group = (-l_pp / l_fac[:, :, None, None] + _outer(l_psi, l_psi) / l_sq[:, :, None, None]
-                     + sum_d + p_tau.transpose(-1, -2) @ tau - _outer(tau_bar, tau_bar))
+                     + sum_d + e_mat @ phi_moments @ e_mat.transpose(-1, -2) - _outer(tau_bar, tau_bar))
         return torch.einsum("g,gkab->kab", w2, per_group)
