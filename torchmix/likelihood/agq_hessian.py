@@ -114,11 +114,12 @@ def _node_pass(kind: str, y: torch.Tensor, base: torch.Tensor, a_row: torch.Tens
 
 
 def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a[..., :, None] * b[..., None, :]
+    """``(m, m, ...)`` outer products of component-major ``(m, ...)`` vectors."""
+    return a[:, None] * b[None, :]
 
 
-def _sym(a: torch.Tensor) -> torch.Tensor:
-    return a + a.transpose(-1, -2)
+def _sym2(a: torch.Tensor) -> torch.Tensor:
+    return a + a.transpose(0, 1)
 
 
 class AGQHessian:
@@ -164,123 +165,111 @@ class AGQHessian:
         n_nodes = self.nodes.shape[0]
         m, n_pairs = self.X.shape[1] + 1, self.pairs.shape[1]
         like = dict(dtype=eta_hat.dtype, device=eta_hat.device)
-        out_t = torch.empty(self.groups.n, k_all * n_nodes, **like)
-        out_r = torch.empty(self.groups.n * m, k_all * n_nodes, **like)
-        out_c = torch.empty(self.groups.n * n_pairs, k_all * n_nodes, **like)
         buf = [torch.empty(n, n_nodes, **like) for _ in range(3)]
+        out_t, out_r, out_c = [], [], []
         for k in range(k_all):
             logf, resid, curv = _node_pass(self.kind, y[:, k], eta_hat[:, k], a_row[:, k], self.nodes, buf)
-            cols = slice(k * n_nodes, (k + 1) * n_nodes)
-            out_t[:, cols] = self.w_rows @ logf
-            out_r[:, cols] = self.v_rows @ resid
-            out_c[:, cols] = self.pair_rows @ curv
+            out_t.append(self.w_rows @ logf)
+            out_r.append(self.v_rows @ resid)
+            out_c.append(self.pair_rows @ curv)
         g = self.groups.n
-        return (out_t.reshape(g, k_all, n_nodes), out_r.reshape(m, g, k_all, n_nodes),
-                out_c.reshape(n_pairs, g, k_all, n_nodes))
+        return (torch.stack(out_t, 1), torch.stack(out_r, 1).reshape(m, g, k_all, n_nodes),
+                torch.stack(out_c, 1).reshape(n_pairs, g, k_all, n_nodes))
+
+    def _square(self, pair_values: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``(m, m, ...)`` from its values at :attr:`pairs` ``(pairs, ...)``."""
+        m = self.X.shape[1] + 1
+        out = pair_values.new_empty((m, m) + pair_values.shape[1:])
+        out[self.pairs[0], self.pairs[1]] = pair_values
+        out[self.pairs[1], self.pairs[0]] = pair_values
+        return out
 
     def __call__(self, y: torch.Tensor, psi: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
-        kind, X, offset, zeta, w1, w2, groups = (self.kind, self.X, self.offset, self.zeta, self.w1, self.w2,
-                                                  self.groups)
-        nodes, log_weights_plus_norm = self.nodes, self.lwn
+        # group-level arrays are component-major: vectors (m, G, K), matrices (m, m, G, K)
+        X, zeta, w1, groups, nodes = self.X, self.zeta, self.w1, self.groups, self.nodes
         n, p = X.shape
-        m, k_all, n_nodes = p + 1, psi.shape[0], nodes.shape[0]
-        dt, dev = psi.dtype, psi.device
+        m, k_all, n_groups, n0 = p + 1, psi.shape[0], groups.n, self.n0
         gidx = groups.index
         beta, theta = psi[:, :p], psi[:, p]
-        th = theta[None, :, None]  # (1, K, 1)
-        e_t = torch.zeros(m, dtype=dt, device=dev)
+        e_t = torch.zeros(m, 1, 1, dtype=psi.dtype, device=psi.device)
         e_t[p] = 1.0
-        pairs, n_pairs = self.pairs, self.pairs.shape[1]
         # ---- the mode and its derivatives
         eta0 = X @ beta.transpose(0, 1)
-        if offset is not None:
-            eta0 = eta0 + offset[:, None]
+        if self.offset is not None:
+            eta0 = eta0 + self.offset[:, None]
         zl = zeta[:, None] * theta[None, :]  # (N, K)
         u = u_hat.transpose(0, 1)  # (G, K)
         eta_hat = eta0 + zl * u.index_select(0, gidx)
-        mu, d1, d2, d3 = _mu_derivs(kind, eta_hat)
+        mu, d1, d2, d3 = _mu_derivs(self.kind, eta_hat)
         wd2, z1 = w1[:, None] * d2, zeta[:, None]
-        n_groups, n0 = groups.n, self.n0
         z_sq = z1 * z1
         two = (n, 2 * k_all)
         mp = (self.moment_pairs @ torch.stack([wd2 * z1, w1[:, None] * d3 * z_sq], dim=2).reshape(two))
-        mp = mp.reshape(n_pairs, n_groups, k_all, 2)  # sum c v_a v_b for c = w mu2 zeta, w mu3 zeta^2
+        mp = mp.reshape(-1, n_groups, k_all, 2)  # sum c v_a v_b for c = w mu2 zeta, w mu3 zeta^2
         mv = (self.moment_v @ torch.stack([w1[:, None] * d1 * z1, wd2 * z_sq], dim=2).reshape(two))
         mv = mv.reshape(m, n_groups, k_all, 2)  # sum c v for c = w mu1 zeta, w mu2 zeta^2
         mo = (self.moment_one @ torch.stack([w1[:, None] * (y - mu) * z1, wd2 * z_sq * z1], dim=2).reshape(two))
         mo = mo.reshape(n_groups, k_all, 2)  # sum w zeta r, sum w mu2 zeta^3
-
-        def second(j):  # sum c_j v v^T, (G, K, m, m)
-            out = torch.empty(n_groups, k_all, m, m, dtype=dt, device=dev)
-            vals = mp[..., j].permute(1, 2, 0)
-            out[..., pairs[0], pairs[1]] = vals
-            out[..., pairs[1], pairs[0]] = vals
-            return out
-
-        m2_0z = mv[..., 0].permute(1, 2, 0)  # sum w mu1 v zeta, (G, K, m)
-        s_mu = m2_0z[..., p]  # S = sum w zeta^2 mu1
-        r_sum = mo[..., 0]  # sum w zeta r
+        m1z = mv[..., 0]  # sum w mu1 v zeta
+        s_mu, r_sum = m1z[p], mo[..., 0]  # S = sum w mu1 zeta^2, sum w zeta r
         l_sq = 1.0 + theta * theta * s_mu  # L^2, (G, K)
-        diag = torch.ones(u.shape + (m,), dtype=dt, device=dev)
-        diag[..., p] = u  # w_i = D v_i, D = diag(1, .., 1, u)
-        u_psi = (e_t * r_sum[:, :, None] - th * diag * m2_0z) / l_sq[:, :, None]
-        a_mat = torch.diag_embed(diag)
-        a_mat[..., :, p] += th * u_psi  # omega_i = A v_i
-        a_t = a_mat.transpose(-1, -2)
-        b_vec = -(a_mat @ m2_0z[..., None])[..., 0]
-        sym_u = _sym(_outer(e_t.expand_as(u_psi), u_psi))  # e_t u_psi^T + u_psi e_t^T
-        u_pp = (_sym(_outer(e_t.expand_as(b_vec), b_vec)) - th[..., None] * (a_mat @ second(0) @ a_t)
-                - (theta * s_mu)[:, :, None, None] * sym_u) / l_sq[:, :, None, None]
-        s_psi = (a_mat @ mv[..., 1].permute(1, 2, 0)[..., None])[..., 0]
-        s_pp = a_mat @ second(1) @ a_t + mo[..., 1, None, None] * (sym_u + th[..., None] * u_pp)
-        q_psi = 2.0 * th * s_mu[:, :, None] * e_t + th * th * s_psi  # (L^2)_psi
-        q_pp = (2.0 * s_mu[:, :, None, None] * _outer(e_t, e_t)
-                + 2.0 * th[..., None] * _sym(_outer(e_t.expand_as(s_psi), s_psi)) + (th * th)[..., None] * s_pp)
+        diag = torch.ones(m, n_groups, k_all, dtype=psi.dtype, device=psi.device)
+        diag[p] = u  # w_i = D v_i with D = diag(1, .., 1, u); omega_i = A v_i = D v_i + theta u_psi zeta_i
+        u_psi = (e_t * r_sum - theta * diag * m1z) / l_sq
+
+        def sandwich(mat):  # A M A^T for a symmetric (m, m, G, K) M
+            dm = diag[:, None] * mat * diag[None, :]
+            side = _outer(diag * mat[:, p], u_psi)
+            return dm + theta * (side + side.transpose(0, 1)) + theta * theta * mat[p, p] * _outer(u_psi, u_psi)
+
+        b_vec = -(diag * m1z + theta * u_psi * m1z[p])
+        sym_u = _sym2(_outer(e_t.expand_as(u_psi), u_psi))
+        u_pp = (_sym2(_outer(e_t.expand_as(b_vec), b_vec)) - theta * sandwich(self._square(mp[..., 0]))
+                - theta * s_mu * sym_u) / l_sq
+        s_psi = diag * mv[..., 1] + theta * u_psi * mv[p, ..., 1]
+        s_pp = sandwich(self._square(mp[..., 1])) + mo[..., 1] * (sym_u + theta * u_pp)
+        q_psi = 2.0 * theta * s_mu * e_t + theta * theta * s_psi  # (L^2)_psi
+        q_pp = (2.0 * s_mu * _outer(e_t, e_t) + 2.0 * theta * _sym2(_outer(e_t.expand_as(s_psi), s_psi))
+                + theta * theta * s_pp)
         l_fac = l_sq.sqrt()
-        l_psi = q_psi / (2.0 * l_fac[:, :, None])
-        l_pp = q_pp / (2.0 * l_fac[:, :, None, None]) - _outer(q_psi, q_psi) / (4.0 * (l_fac * l_sq)[:, :, None, None])
-        # ---- node pass: eta_ik = eta_hat_i + (zl_i / L_j) z_k
-        c = u[:, :, None] + nodes / l_fac[:, :, None]  # (G, K, M)
+        l_psi = q_psi / (2.0 * l_fac)
+        l_pp = q_pp / (2.0 * l_fac) - _outer(q_psi, q_psi) / (4.0 * l_fac * l_sq)
+        # ---- node pass: eta_ik = eta_hat_i + (zl_i / L_j) z_k; node arrays (., G, K, M)
+        c = u[:, :, None] + nodes / l_fac[:, :, None]
         a_row = zl / l_fac.index_select(0, gidx)
         t_nodes, sum_r, sum_c = self._node_sums(y, eta_hat, a_row)
-        total = t_nodes + log_weights_plus_norm - 0.5 * c * c
-        prob = torch.softmax(total, dim=2)  # (G, K, M)
-        # partial derivatives of T_k at fixed c_k (v_ik = (x_i, zeta_i c_k)), component-major (., G, K, M)
+        prob = torch.softmax(t_nodes + self.lwn - 0.5 * c * c, dim=2)  # (G, K, M)
+        th = theta[None, :, None]
         r_z = sum_r[p]
         t_k = th * r_z - c
         col_z = sum_c[n0:]  # sum w mu' v zeta
         s_k = -1.0 - th * th * col_z[p]
         q_k = col_z * (-th)
         q_k[p].mul_(c).add_(r_z)
-        # tau_k = E phi_k with phi_k = (g_k, t_k, t_k z_k) and E = [I, u_psi, -ell], ell = L_psi / L^2
-        phi = torch.empty((m + 2,) + c.shape, dtype=dt, device=dev)
+        # tau_k = g_k + t_k gamma_k = E phi_k, phi_k = (g_k, t_k, t_k z_k), E = [I, u_psi, -ell], ell = L_psi / L^2
+        phi = torch.empty((m + 2,) + c.shape, dtype=psi.dtype, device=psi.device)
         phi[:p] = sum_r[:p]
         torch.mul(c, r_z, out=phi[p])
         phi[p + 1] = t_k
         torch.mul(t_k, nodes, out=phi[p + 2])
         p_phi = prob * phi
-        phi_moments = torch.einsum("agkm,bgkm->gkab", p_phi, phi)  # sum_k P phi phi^T
-        ell = l_psi / l_sq[:, :, None]
-        e_mat = torch.cat([torch.eye(m, dtype=dt, device=dev).expand(n_groups, k_all, m, m), u_psi[..., None],
-                           -ell[..., None]], dim=3)  # (G, K, m, m + 2)
-        tau_bar = (e_mat @ p_phi.sum(-1).permute(1, 2, 0)[..., None])[..., 0]
-        p_z = prob * nodes
+        mom = torch.einsum("agkm,bgkm->gkab", p_phi, phi).permute(2, 3, 0, 1)  # sum_k P phi phi^T
+        bar = p_phi.sum(-1)
+        ell = l_psi / l_sq
+        tau_bar = bar[:m] + bar[m] * u_psi - bar[m + 1] * ell
+        side = _outer(mom[:m, m], u_psi) - _outer(mom[:m, m + 1], ell)
+        tau_tau = (mom[:m, :m] + side + side.transpose(0, 1) + mom[m, m] * _outer(u_psi, u_psi)
+                   - mom[m, m + 1] * _sym2(_outer(u_psi, ell)) + mom[m + 1, m + 1] * _outer(ell, ell))
         # sum_k P_k H_k from the P c^e weighted pair sums, e = number of zeta factors in the pair
-        p_c = prob * c
-        h_pairs = torch.cat([(sum_c[:n0] * prob).sum(-1), (sum_c[n0:n0 + p] * p_c).sum(-1),
-                             (sum_c[n0 + p] * p_c * c).sum(-1)[None]]).permute(1, 2, 0)  # (G, K, pairs)
-        h_bar = torch.empty(n_groups, k_all, m, m, dtype=dt, device=dev)
-        h_bar[..., pairs[0], pairs[1]] = h_pairs
-        h_bar[..., pairs[1], pairs[0]] = h_pairs
+        p_z, p_c = prob * nodes, prob * c
+        h_bar = self._square(torch.cat([(sum_c[:n0] * prob).sum(-1), (sum_c[n0:n0 + p] * p_c).sum(-1),
+                                        (sum_c[n0 + p] * p_c * c).sum(-1)[None]]))
         # gamma_k = u_psi - z_k ell, Gamma_k = u_pp - z_k B
-        b_mat = l_pp / l_sq[:, :, None, None] - 2.0 * _outer(l_psi, l_psi) / (l_sq * l_fac)[:, :, None, None]
-        q_0 = (prob * q_k).sum(-1).permute(1, 2, 0)
-        q_1 = (p_z * q_k).sum(-1).permute(1, 2, 0)
-        s_0, s_1, s_2 = ((prob * s_k).sum(-1)[..., None, None], (p_z * s_k).sum(-1)[..., None, None],
-                         (p_z * nodes * s_k).sum(-1)[..., None, None])
-        sum_d = (-h_bar + _sym(_outer(q_0, u_psi) - _outer(q_1, ell))
-                 + s_0 * _outer(u_psi, u_psi) - s_1 * _sym(_outer(u_psi, ell)) + s_2 * _outer(ell, ell)
-                 + (prob * t_k).sum(-1)[..., None, None] * u_pp - (p_z * t_k).sum(-1)[..., None, None] * b_mat)
-        per_group = (-l_pp / l_fac[:, :, None, None] + _outer(l_psi, l_psi) / l_sq[:, :, None, None]
-                     + sum_d + e_mat @ phi_moments @ e_mat.transpose(-1, -2) - _outer(tau_bar, tau_bar))
-        return torch.einsum("g,gkab->kab", w2, per_group)
+        b_mat = l_pp / l_sq - 2.0 * _outer(l_psi, l_psi) / (l_sq * l_fac)
+        q_0, q_1 = (prob * q_k).sum(-1), (p_z * q_k).sum(-1)
+        side = _outer(q_0, u_psi) - _outer(q_1, ell)
+        per_group = (-l_pp / l_fac + _outer(l_psi, l_psi) / l_sq - h_bar + side + side.transpose(0, 1)
+                     + (prob * s_k).sum(-1) * _outer(u_psi, u_psi) - (p_z * s_k).sum(-1) * _sym2(_outer(u_psi, ell))
+                     + (p_z * nodes * s_k).sum(-1) * _outer(ell, ell)
+                     + (prob * t_k).sum(-1) * u_pp - (p_z * t_k).sum(-1) * b_mat + tau_tau - _outer(tau_bar, tau_bar))
+        return torch.einsum("g,abgk->kab", self.w2, per_group)
