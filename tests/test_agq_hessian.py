@@ -31,11 +31,12 @@ def _data(family: str, seed: int = 5):
     return rows
 
 
-def _setup(family: str, n_quad: int, formula: str = "y ~ x + d + (1 | g)"):
+def _setup(family: str, n_quad: int, formula: str = "y ~ x + d + (1 | g)", offset=None):
     import pandas as pd
 
-    prep = _prepare(formula, pd.DataFrame(_data(family)), ["w1", "w2"], cweights=True, family=family,
-                    progress=False)
+    df = pd.DataFrame(_data(family))
+    df["expo"] = 0.3 * np.sin(np.arange(len(df)))
+    prep = _prepare(formula, df, ["w1", "w2"], cweights=True, family=family, progress=False, offset=offset)
     t = prep.design.tensors
     return t, prep.family, AGQLogLik(t, prep.family, n_quad)
 
@@ -59,11 +60,19 @@ def _fd_and_exact(t, family, module, psi, n_quad):
 
 
 @pytest.mark.parametrize("family", ["binomial", "poisson"])
-@pytest.mark.parametrize("n_quad", [3, 13])
+@pytest.mark.parametrize("n_quad", [1, 3, 13])
 def test_exact_hessian_equals_central_differences(family, n_quad):
     t, fam, module = _setup(family, n_quad)
     psi = torch.tensor([-0.3, 0.5, 0.2, 0.8], dtype=torch.float64)  # not an optimum: the formula holds anywhere
     fd, exact = _fd_and_exact(t, fam, module, psi, n_quad)
+    np.testing.assert_allclose(exact.numpy(), fd.numpy(), rtol=1e-6, atol=1e-6 * float(fd.abs().max()))
+
+
+def test_poisson_with_an_offset():
+    t, fam, module = _setup("poisson", 5, offset="expo")
+    assert t.offset is not None
+    psi = torch.tensor([-0.3, 0.5, 0.2, 0.8], dtype=torch.float64)
+    fd, exact = _fd_and_exact(t, fam, module, psi, 5)
     np.testing.assert_allclose(exact.numpy(), fd.numpy(), rtol=1e-6, atol=1e-6 * float(fd.abs().max()))
 
 

@@ -17,10 +17,12 @@ modes brought close by a few Newton steps per group (:mod:`~torchmix.likelihood.
 1. quasi-Newton steps (symmetric rank-one updates, BFGS where these would lose positive definiteness)
    started from the first value's Hessian until the gradient is below the convergence tolerance (the
    test of :func:`~torchmix.fit.glmm.fit_glmm`);
-2. the value's own Hessian there, by central differences of the exact gradient exactly as
-   :func:`~torchmix.fit.glmm_se.fd_hessian` does it, the 2m difference evaluations batched over values
-   (central differences with this step amplify rounding by only ~1e4, so the result does not depend on
-   which values share a batch or on the number of threads);
+2. the value's own Hessian there: in closed form where the model has one (two levels, one random effect,
+   canonical link: :mod:`~torchmix.fit.glmm_hessian`, exact including the adaptation of the nodes, equal to
+   the separate fit's central differences to their accuracy), otherwise by central differences of the
+   exact gradient exactly as :func:`~torchmix.fit.glmm_se.fd_hessian` does it, the 2m difference
+   evaluations batched over values (central differences with this step amplify rounding by only ~1e4, so
+   the result does not depend on which values share a batch or on the number of threads);
 3. per-top-group scores from the row-level derivatives kept from the value's last evaluation, and
    the sandwich per value (:func:`~torchmix.fit.glmm_se.assemble`).
 

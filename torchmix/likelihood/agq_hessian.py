@@ -48,9 +48,14 @@ The adaptation's derivatives follow from the mode equation :math:`\theta\sum_iw_
     S_{\psi\psi}=\sum_iw_i\zeta_i^2\mu'''_i\omega_i\omega_i^\top
     +\sum_iw_i\zeta_i^3\mu''_i\,(e_\theta\hat u_\psi^\top+\hat u_\psi e_\theta^\top+\theta\hat u_{\psi\psi}).
 
-The Hessian of :math:`\ell=\sum_jw^{(2)}_j\log\mathcal L_j` is the :math:`w^{(2)}`-weighted sum. Everything
-is batched over ``K`` parameter vectors (responses) sharing the design; the :math:`N\times K\times M`
-work is one transcendental pass for :math:`\mu` and one for :math:`\log f`, and three sparse products.
+(for a canonical link the Fisher weight that scales the nodes equals :math:`\mu'`, and :math:`\hat u` is
+the adapted mode the evaluation left). The Hessian of :math:`\ell=\sum_jw^{(2)}_j\log\mathcal L_j` is the
+:math:`w^{(2)}`-weighted sum. Everything is batched over ``K`` parameter vectors (responses) sharing the
+design. The row sums over a group (:math:`\sum_i c_iv_i`, :math:`\sum_i c_iv_iv_i^\top`) are sparse products
+with matrices built once; the :math:`N\times M` node pass (one ``sigmoid``/``exp`` and one ``log``) runs
+one value at a time so that it stays in the processor cache; the rest is ``(m, m, G, K)`` arithmetic.
+This is the Hessian that central differences of the exact gradient approximate
+(:func:`~torchmix.fit.glmm_se.fd_hessian`), without their :math:`2m` evaluations.
 """
 
 from __future__ import annotations
