@@ -60,6 +60,8 @@ This is the Hessian that central differences of the exact gradient approximate
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .kernels import exp_into, log_into
@@ -95,7 +97,9 @@ def _stacked_rows(groups: Grouping, cols: torch.Tensor) -> torch.Tensor:
     rows = (groups.index[:, None] + groups.n * torch.arange(c, device=cols.device)[None, :]).reshape(-1)
     coo = torch.sparse_coo_tensor(torch.stack([rows, torch.arange(n, device=cols.device).repeat_interleave(c)]),
                                   cols.reshape(-1), (groups.n * c, n), check_invariants=False)
-    return coo.coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr()
 
 
 def _node_pass(kind: str, y: torch.Tensor, base: torch.Tensor, a_row: torch.Tensor, nodes: torch.Tensor, buf):
