@@ -33,16 +33,14 @@ import math
 
 import torch
 
-from ..covariance import diagonal_theta_mask, lambda_from_theta, n_theta, normalise_theta_signs
-from ..errors import BoundaryWarning, ConvergenceWarning, NumericalError
-from ..fit.gaussian import BOUNDARY_TOL, _split, _standard_error_pieces, _start_theta, _variance_components
+from ..covariance import lambda_from_theta, n_theta, normalise_theta_signs
+from ..errors import ConvergenceWarning, NumericalError
+from ..fit.gaussian import _split, _standard_error_pieces, _start_theta, assemble_output, boundary_thetas
 from ..fit.optimize import minimize
 from ..fit.standardize import Standardizer
 from ..fit.start_check import start_passes, warn_start_passes
-from ..inference import safe_inverse_negative_hessian, sandwich
 from ..likelihood.gaussian import GaussianLikelihood
 from ..progress import progress_bar
-from ..report.boundary import boundary_warning_text
 from ..tensors import FitOutput, ModelTensors
 from ..warn import warn
 from .collectives import Collectives
@@ -170,7 +168,7 @@ def _se_pieces(prof: _Profile, shard: Shard, beta, thetas, sigma):
 
 def _finish(prof: _Profile, shard: Shard, full: ModelTensors, res, small_sample) -> FitOutput:
     """Estimates, modes and sandwich covariances at the optimum (as :func:`torchmix.fit.gaussian._finish`)."""
-    p, term_sizes, coll = prof.p, prof.term_sizes, prof.coll
+    term_sizes, coll = prof.term_sizes, prof.coll
     thetas = [normalise_theta_signs(t, ts) for t, ts in zip(_split(res.x, prof.sizes), term_sizes)]
     ell, beta, sigma2, ps = prof.profile(thetas)
     with torch.no_grad():
@@ -183,21 +181,7 @@ def _finish(prof: _Profile, shard: Shard, full: ModelTensors, res, small_sample)
     sigma = sigma2.sqrt()
     bs = [u @ lambda_from_theta(t, ts).transpose(0, 1) for u, t, ts in zip(us, thetas, term_sizes)]
 
-    on_boundary = [diagonal_theta_mask(ts).to(t.device) & (t.abs() < BOUNDARY_TOL) for t, ts in zip(thetas, term_sizes)]
-    if any(bool(m.any()) for m in on_boundary):
-        warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
-        thetas = [torch.where(m, torch.zeros_like(t), t) for t, m in zip(thetas, on_boundary)]
-
-    psi, scores, k_bb, hess_vc = _se_pieces(prof, shard, beta, thetas, sigma)
-    hess = torch.zeros(psi.numel(), psi.numel(), dtype=psi.dtype, device=psi.device)
-    hess[:p, :p] = -k_bb / sigma2
-    hess[p:, p:] = hess_vc
-    ib = slice(0, p)
-    cov_beta = sandwich(hess[ib, ib], scores[:, ib], small_sample, "fixed effects")
-    cov_beta_model = safe_inverse_negative_hessian(hess[ib, ib], "fixed effects")
-    tau, tau_cov = _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, small_sample)
-    return FitOutput(beta=beta.detach(), cov_beta=cov_beta, cov_beta_model=cov_beta_model,
-                     theta=[t.detach() for t in thetas], sigma=float(sigma), tau=tau.detach(), tau_cov=tau_cov,
-                     lnl=float(ell), u=[u.detach() for u in us], b=[b.detach() for b in bs],
-                     converged=res.converged, iterations=res.iterations, message=res.message,
-                     scores=scores, extra={"grad_max": res.grad_max, "hessian": hess, "psi": psi.detach()})
+    thetas, on_boundary = boundary_thetas(thetas, term_sizes)
+    pieces = _se_pieces(prof, shard, beta, thetas, sigma)
+    return assemble_output(res, pieces, beta, sigma2, float(ell), thetas, on_boundary, term_sizes, us, bs,
+                           small_sample)

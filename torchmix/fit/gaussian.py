@@ -309,7 +309,6 @@ def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample
     estimates, the modes and, off the boundary, the pieces without another pass.
     """
     tensors = lik.tensors
-    p = tensors.n_fixed
     term_sizes = [lv.term_sizes for lv in tensors.levels]
     sizes = [n_theta(ts) for ts in term_sizes]
     thetas = [normalise_theta_signs(t, ts) for t, ts in zip(_split(theta_flat, sizes), term_sizes)]
@@ -328,27 +327,46 @@ def _finish(lik: GaussianLikelihood, theta_flat: torch.Tensor, res, small_sample
     sigma = sigma2.sqrt()
     bs = [u @ lambda_from_theta(t, ts).transpose(0, 1) for u, t, ts in zip(us, thetas, term_sizes)]
 
-    # boundary: a diagonal theta at (numerically) zero
-    on_boundary = [diagonal_theta_mask(ts).to(t.device) & (t.abs() < BOUNDARY_TOL) for t, ts in zip(thetas, term_sizes)]
-    if any(bool(m.any()) for m in on_boundary):
-        warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
-        thetas = [torch.where(m, torch.zeros_like(t), t) for t, m in zip(thetas, on_boundary)]
+    thetas, on_boundary = boundary_thetas(thetas, term_sizes)
 
     # ---------------------------------------------------------------- standard errors
     if pieces is None or any(bool(m.any()) for m in on_boundary):
         pieces = _standard_error_pieces(lik, beta, thetas, sigma, sizes)
+    return assemble_output(res, pieces, beta, sigma2, float(ell), thetas, on_boundary, term_sizes, us, bs,
+                           small_sample)
+
+
+def boundary_thetas(thetas: list, term_sizes: list) -> tuple[list, list]:
+    """Diagonal :math:`\\theta` entries below ``BOUNDARY_TOL`` (a variance at zero): announced with a
+    ``BoundaryWarning`` and set to zero. Returns ``(thetas, on_boundary masks)``."""
+    on_boundary = [diagonal_theta_mask(ts).to(t.device) & (t.abs() < BOUNDARY_TOL) for t, ts in zip(thetas, term_sizes)]
+    if any(bool(m.any()) for m in on_boundary):
+        warn(boundary_warning_text(thetas, term_sizes, BOUNDARY_TOL), BoundaryWarning)
+        thetas = [torch.where(m, torch.zeros_like(t), t) for t, m in zip(thetas, on_boundary)]
+    return thetas, on_boundary
+
+
+def assemble_output(res, pieces, beta, sigma2, lnl: float, thetas, on_boundary, term_sizes, us, bs,
+                    small_sample) -> FitOutput:
+    r"""The fit's :class:`~torchmix.tensors.FitOutput` from the standard-error pieces at the optimum.
+
+    ``pieces = (psi, scores, K_bb, H_vc)``: :math:`\psi = (\beta, \theta, \sigma)` ``(k,)``, per-top-group
+    scores ``(G_L, k)``, :math:`K_{\beta\beta}` ``(p, p)`` and the :math:`(\theta,\sigma)` Hessian. The
+    Hessian is block-diagonal, :math:`H_{\beta\beta} = -K_{\beta\beta}/\sigma^2`; the fixed effects get
+    the sandwich :math:`H^{-1} M H^{-1}` and the model-based :math:`(-H)^{-1}`; the variance components
+    their delta-method covariances (:func:`_variance_components`).
+    """
     psi, scores, k_bb, hess_vc = (t.detach() for t in pieces)
+    p = beta.numel()
     hess = torch.zeros(psi.numel(), psi.numel(), dtype=psi.dtype, device=psi.device)
     hess[:p, :p] = -k_bb / sigma2
     hess[p:, p:] = hess_vc
     ib = slice(0, p)
     cov_beta = sandwich(hess[ib, ib], scores[:, ib], small_sample, "fixed effects")
     cov_beta_model = safe_inverse_negative_hessian(hess[ib, ib], "fixed effects")
-
     tau, tau_cov = _variance_components(psi, hess, scores, thetas, on_boundary, term_sizes, p, small_sample)
-
     return FitOutput(beta=beta.detach(), cov_beta=cov_beta, cov_beta_model=cov_beta_model,
-                     theta=[t.detach() for t in thetas], sigma=float(sigma), tau=tau.detach(), tau_cov=tau_cov,
-                     lnl=float(ell), u=[u.detach() for u in us], b=[b.detach() for b in bs],
+                     theta=[t.detach() for t in thetas], sigma=float(sigma2.sqrt()), tau=tau.detach(),
+                     tau_cov=tau_cov, lnl=lnl, u=[u.detach() for u in us], b=[b.detach() for b in bs],
                      converged=res.converged, iterations=res.iterations, message=res.message,
                      scores=scores, extra={"grad_max": res.grad_max, "hessian": hess, "psi": psi.detach()})

@@ -121,7 +121,7 @@ def _node_sums(data: FusedData, base, a, nodes, keep: bool):
 def _weighted_derivative(data: FusedData, base, a, nodes, prob, kept):
     r""":math:`\sum_m P_{g(i)m} r_{im}` ``(N,)`` and :math:`\sum_m P_{g(i)m} r_{im} z_m` ``(N, q)``."""
     ker = data.kernel
-    n_rows, q = base.shape[0], nodes.shape[1]
+    n_rows = base.shape[0]
     pg = torch.index_select(prob, 0, data.g.index, out=data.buffer("pg", (n_rows, prob.shape[1]), prob))
     if not kept:  # recompute the derivative chunk by chunk
         bs, as_ = ker.prepare(base, a)
