@@ -158,3 +158,21 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def binary_values(k: int = 3):
+    """``(tensors, family, ys (N, k))``: ``k`` binary plausible values of a weighted 3-level
+    random-intercept logit (``simulate_nested``, 12 top-level groups), prepared as ``mix()`` would."""
+    from torchmix.api import _prepare
+
+    from conftest import simulate_nested
+
+    df = simulate_nested(n_top=12, levels=3, seed=6)
+    rng = np.random.default_rng(3)
+    cols = []
+    for j in range(k):
+        df[f"v{j}"] = (df["y"] + rng.normal(0, 1, len(df)) > 1.5).astype(float)
+        cols.append(f"v{j}")
+    prep = _prepare("y ~ x + (1 | cls)", df, ["w1c", "w2c"], cweights=True, family="binomial", progress=False,
+                    plausible_values={"y": cols})
+    return prep.design.tensors, prep.family, torch.stack([prep.responses[c] for c in cols], dim=1)

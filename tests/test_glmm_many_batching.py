@@ -8,22 +8,9 @@ import numpy as np
 import torch
 
 import torchmix.fit.glmm_many as gm
-from torchmix.api import _prepare
 from torchmix.fit.glmm import fit_glmm
 
-from conftest import simulate_nested
-
-
-def _values(k=3):
-    df = simulate_nested(n_top=12, levels=3, seed=6)
-    rng = np.random.default_rng(3)
-    cols = []
-    for j in range(k):
-        df[f"v{j}"] = (df["y"] + rng.normal(0, 1, len(df)) > 1.5).astype(float)
-        cols.append(f"v{j}")
-    prep = _prepare("y ~ x + (1 | cls)", df, ["w1c", "w2c"], cweights=True, family="binomial", progress=False,
-                    plausible_values={"y": cols})
-    return prep.design.tensors, prep.family, torch.stack([prep.responses[c] for c in cols], dim=1)
+from glmm_support import binary_values
 
 
 def _assert_like_separate(outs, t, fam, ys):
@@ -38,14 +25,14 @@ def _assert_like_separate(outs, t, fam, ys):
 
 
 def test_batched_values_give_the_separate_fits_standard_errors():
-    t, fam, ys = _values()
+    t, fam, ys = binary_values()
     _assert_like_separate(gm.fit_glmm_many(t, fam, ys, n_quad=5, progress=False), t, fam, ys)
 
 
 def test_a_value_does_not_depend_on_the_values_batched_with_it():
     """Value 2 batched with values 1 and 3 equals value 2 batched alone (to 1e-10), as when the
     values are shared out over processes."""
-    t, fam, ys = _values(4)
+    t, fam, ys = binary_values(4)
     first = fit_glmm(t.with_response(ys[:, 0]), fam, n_quad=5, progress=False)
     together = gm.fit_glmm_many(t, fam, ys, n_quad=5, progress=False, first=first)[2]
     alone = gm.fit_glmm_many(t, fam, ys[:, [0, 2]], n_quad=5, progress=False, first=first)[1]
@@ -69,7 +56,7 @@ def test_an_evaluation_that_fails_rejects_the_trial_point(monkeypatch):
     """A stacked evaluation whose curvature is not positive definite (LinAlgError) rejects its trial
     points; the values still end where separate fits do."""
     from torchmix.likelihood.agq import AGQLogLik
-    t, fam, ys = _values()
+    t, fam, ys = binary_values()
     original = AGQLogLik.forward
     calls = []
 

@@ -7,25 +7,15 @@ import numpy as np
 import torch
 
 import torchmix.fit.glmm_many as gm
-from torchmix.api import _prepare
 from torchmix.fit.glmm import fit_glmm
 from torchmix.likelihood.agq import AGQLogLik
 from torchmix.likelihood.warm_modes import warm_modes
 
-from conftest import simulate_nested
+from glmm_support import binary_values
 
 
 def _problem(k=7):
-    df = simulate_nested(n_top=12, levels=3, seed=6)
-    rng = np.random.default_rng(3)
-    cols = []
-    for j in range(k):
-        df[f"v{j}"] = (df["y"] + rng.normal(0, 1, len(df)) > 1.5).astype(float)
-        cols.append(f"v{j}")
-    prep = _prepare("y ~ x + (1 | cls)", df, ["w1c", "w2c"], cweights=True, family="binomial", progress=False,
-                    plausible_values={"y": cols})
-    t, fam = prep.design.tensors, prep.family
-    ys = torch.stack([prep.responses[c] for c in cols], dim=1)
+    t, fam, ys = binary_values(k)
     first = fit_glmm(t.with_response(ys[:, 0]), fam, n_quad=5, progress=False)
     return t, fam, ys, first
 

@@ -87,21 +87,27 @@ def _prepared_logit(levels=2):
     return prep.design.tensors, prep.family
 
 
+def _fay_problem(levels: int, n_rep: int, seed: int):
+    """A prepared logit model, ``n_rep`` Fay factors (rho = 0.5), its full-sample fit, the start of every
+    replicate and ``fit(tensors, start)``, the separate refit (n_quad = 5). Call with warnings silenced."""
+    t, fam = _prepared_logit(levels)
+    rng = np.random.default_rng(seed)
+    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(n_rep, t.levels[-1].n_groups)),
+                              dtype=torch.float64)
+    full = fit_glmm(t, fam, n_quad=5, progress=False)
+
+    def fit(tensors, s):
+        return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+    return t, fam, factors, full, estimate_vector(full), fit
+
+
 @pytest.mark.parametrize("levels", [2, 3])
 def test_fay_replicates_batched_equal_separate_fit_glmm(levels):
     """Fay replicates (rho = 0.5) of a 2- and a 3-level logit model: the batched estimates equal
     fit_glmm on each replicate's weights, started from the full-sample estimates."""
-    t, fam = _prepared_logit(levels)
-    n_top = t.levels[-1].n_groups
-    rng = np.random.default_rng(2)
-    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(4, n_top)), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = fit_glmm(t, fam, n_quad=5, progress=False)
-        start = estimate_vector(full)
-
-        def fit(tensors, s):
-            return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+        t, fam, factors, full, start, fit = _fay_problem(levels, 4, seed=2)
         batch = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
         assert batch is not None
         est, n_failed = batch
@@ -136,17 +142,9 @@ def test_group_derivatives_sum_to_the_fit_gradient_and_hessian():
 def test_unsettled_replicates_are_refitted_alone_and_counted(monkeypatch):
     """Without batched steps every replicate falls back to its own fit: same estimates; a replicate
     whose own fit does not converge is counted."""
-    t, fam = _prepared_logit(2)
-    rng = np.random.default_rng(5)
-    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(3, t.levels[-1].n_groups)),
-                              dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = fit_glmm(t, fam, n_quad=5, progress=False)
-        start = estimate_vector(full)
-
-        def fit(tensors, s):
-            return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+        t, fam, factors, full, start, fit = _fay_problem(2, 3, seed=5)
         batched, _ = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
         calls = _count_separate_fits(monkeypatch)
         alone, n_failed = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5,
@@ -208,17 +206,10 @@ def test_plausible_values_with_replicates_equal_separate_fits(monkeypatch):
 
 
 def test_a_failed_stacked_evaluation_rejects_the_trial_points(monkeypatch):
-    t, fam = _prepared_logit(2)
-    rng = np.random.default_rng(7)
-    n_top = t.levels[-1].n_groups
-    factors = torch.as_tensor(1.0 + 0.5 * rng.choice([-1.0, 1.0], size=(3, n_top)), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = fit_glmm(t, fam, n_quad=5, progress=False)
-        start = estimate_vector(full)
-
-        def fit(tensors, s):
-            return fit_glmm(tensors, fam, n_quad=5, start=s, progress=False)
+        t, fam, factors, full, start, fit = _fay_problem(2, 3, seed=7)
+        n_top = t.levels[-1].n_groups
         ref, _ = gr.glmm_replicate_estimates(t, factors, fit, start, family=fam, full=full, n_quad=5)
         original = AGQLogLik.forward
         failed = []
