@@ -367,7 +367,7 @@ def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = Fals
     progress = bool(progress) and is_main()  # under a process group, rank 0 alone shows progress
     start = check_start(start)
     # the design step is many small operations too: threads chosen by its size, as for the fit
-    with fit_threads(choose_threads(problem_work(len(data) if hasattr(data, "__len__") else 0, 1, 0), num_threads)):
+    with fit_threads(choose_threads(problem_work(len(data), 1, 0), num_threads)):
         prepared = _prepare(formula, data, weights, cweights=cweights, family=family, link=link, n_quad=n_quad,
                             center_group=center_group, center_grand=center_grand, scaling=scaling, survey=survey,
                             edsurvey_compat=edsurvey_compat, plausible_values=plausible_values, max_iter=max_iter,

@@ -34,15 +34,15 @@ import math
 import torch
 
 from ..covariance import lambda_from_theta, n_theta, normalise_theta_signs
-from ..errors import ConvergenceWarning, NumericalError
-from ..fit.gaussian import _split, _standard_error_pieces, _start_theta, assemble_output, boundary_thetas
+from ..fit.gaussian import (_split, _standard_error_pieces, _start_theta, assemble_output, boundary_thetas,
+                            conclude, line_search_error)
 from ..fit.optimize import minimize
 from ..fit.standardize import Standardizer
-from ..fit.start_check import start_passes, warn_start_passes
+from ..fit.start_check import start_passes
 from ..likelihood.gaussian import GaussianLikelihood
+from ..likelihood.gaussian_grad import known_gradient
 from ..progress import progress_bar
 from ..tensors import FitOutput, ModelTensors
-from ..warn import warn
 from .collectives import Collectives
 from .shard import Shard, shard_tensors
 
@@ -99,21 +99,6 @@ class _Profile:
         return (-ell / self.n_w).detach(), (-g / self.n_w).detach()
 
 
-class _Objective(torch.autograd.Function):
-    """``-l_p(theta)/N_w`` as a 0-d tensor whose backward is the summed gradient."""
-
-    @staticmethod
-    def forward(ctx, x, prof):
-        val, g = prof.value_and_grad(x)
-        ctx.save_for_backward(g)
-        return val
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (g,) = ctx.saved_tensors
-        return grad_out * g, None
-
-
 def fit_gaussian_data_parallel(tensors: ModelTensors, coll: Collectives, *, start=None, max_iter: int = 200,
                                tol: float = 1e-8, small_sample="G/(G-1)", progress: bool = True) -> FitOutput:
     """Fit the gaussian model across the processes of ``coll``; the arguments and the result are
@@ -127,7 +112,7 @@ def fit_gaussian_data_parallel(tensors: ModelTensors, coll: Collectives, *, star
     start = std.start(start, residual=True)
 
     def objective(flat):
-        return _Objective.apply(flat, prof)
+        return known_gradient(flat, prof.value_and_grad)
 
     theta0 = _start_theta(full, start, full.n_fixed)
     passes_at_start = start_passes(objective, theta0, tol)
@@ -136,15 +121,8 @@ def fit_gaussian_data_parallel(tensors: ModelTensors, coll: Collectives, *, star
             res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
                            newton_first=start is not None)
         except IndexError as exc:  # torch's strong-Wolfe line search on a non-finite objective
-            raise NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
-                                 "a perfect fit or extreme values") from exc
-    if not math.isfinite(res.fun):
-        raise NumericalError("the log-likelihood is not finite at the solution; check the response "
-                             "for a perfect fit or extreme values")
-    if passes_at_start:
-        res = warn_start_passes(res, tol, default_start=start is None)
-    if not res.converged and not passes_at_start:
-        warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning)
+            raise line_search_error() from exc
+    res = conclude(res, passes_at_start, tol, default_start=start is None)
     return std.output(_finish(prof, shard, full, res, small_sample), gaussian=True)
 
 

@@ -22,6 +22,7 @@ models use closed forms instead (:mod:`torchmix.likelihood.gaussian_grad`,
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -248,17 +249,29 @@ def _fit_standardized(tensors: ModelTensors, start, max_iter: int, tol: float, s
                 res = minimize(objective, theta0, max_iter=max_iter, tol=tol, progress=bar,
                                newton_first=start is not None)
         except IndexError as exc:  # torch's strong-Wolfe line search on a non-finite objective
-            raise NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
-                                 "a perfect fit or extreme values") from exc
-    if not bool(torch.isfinite(torch.tensor(res.fun))):
+            raise line_search_error() from exc
+    res = conclude(res, passes_at_start, tol, default_start=start is None)
+    return _finish(lik, res.x, res, small_sample, state=state)
+
+
+def line_search_error() -> NumericalError:
+    """The error of a line search that met a non-finite log-likelihood."""
+    return NumericalError("the line search failed on a non-finite log-likelihood; check the response for "
+                          "a perfect fit or extreme values")
+
+
+def conclude(res, passes_at_start: bool, tol: float, default_start: bool):
+    """The optimiser's result after the checks every gaussian fit makes: a non-finite log-likelihood
+    at the solution is a :class:`NumericalError`; a start that already passed the convergence test,
+    and a fit that did not converge, are announced."""
+    if not math.isfinite(float(res.fun)):
         raise NumericalError("the log-likelihood is not finite at the solution; check the response "
                              "for a perfect fit or extreme values")
     if passes_at_start:
-        res = warn_start_passes(res, tol, default_start=start is None)
-    if not res.converged and not passes_at_start:
+        return warn_start_passes(res, tol, default_start=default_start)
+    if not res.converged:
         warn(f"the optimiser did not converge: {res.message}", ConvergenceWarning)
-
-    return _finish(lik, res.x, res, small_sample, state=state)
+    return res
 
 
 def _newton_fit(lik: GaussianLikelihood, theta0: torch.Tensor, max_iter: int, tol: float, bar):

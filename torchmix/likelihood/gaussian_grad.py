@@ -36,7 +36,7 @@ import torch
 from ..covariance import theta_index
 from .modes import solve_upper_t
 
-__all__ = ["supported", "profiled", "profiled_loglik", "scores_by_group", "hessian_vc",
+__all__ = ["supported", "known_gradient", "profiled", "profiled_loglik", "scores_by_group", "hessian_vc",
            "standard_error_pieces"]
 
 
@@ -156,13 +156,13 @@ def hessian_vc(lik, beta: torch.Tensor, theta: torch.Tensor, sigma: torch.Tensor
     return torch.cat([top, bottom], dim=0)
 
 
-class _ProfiledFn(torch.autograd.Function):
+class _KnownGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, lik):
+    def forward(ctx, x, value_and_grad):
         with torch.no_grad():
-            ell, grad = profiled_loglik(lik, theta.detach())
+            value, grad = value_and_grad(x.detach())
         ctx.save_for_backward(grad)
-        return ell
+        return value
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -170,6 +170,15 @@ class _ProfiledFn(torch.autograd.Function):
         return grad_out * grad, None
 
 
+def known_gradient(x: torch.Tensor, value_and_grad) -> torch.Tensor:
+    r"""A differentiable 0-d tensor :math:`f(x)` whose backward is a gradient computed with it.
+
+    ``value_and_grad(x) -> (f(x), \nabla f(x))`` (a 0-d tensor and one of ``x``'s shape) is called
+    once, without autograd; backpropagating ``g`` into the result gives :math:`g\,\nabla f(x)`.
+    """
+    return _KnownGradient.apply(x, value_and_grad)
+
+
 def profiled(lik, thetas: Sequence[torch.Tensor]) -> torch.Tensor:
     r""":math:`\ell_p(\theta)` as a differentiable 0-d tensor whose backward is the closed-form gradient."""
-    return _ProfiledFn.apply(thetas[0], lik)
+    return known_gradient(thetas[0], lambda t: profiled_loglik(lik, t))
