@@ -85,6 +85,25 @@ def stack_responses(tensors: ModelTensors, responses: torch.Tensor) -> ModelTens
                         levels=tuple(levels), offset=offset)
 
 
+def stacked_pieces(tensors: ModelTensors, psi: torch.Tensor, term_sizes) -> tuple:
+    r"""Linear predictors of ``k`` stacked copies of the model, copy :math:`j` at ``psi[j]``.
+
+    Returns :math:`\eta^0 = X\beta_j + \text{offset}` stacked ``(kN,)`` and, per level,
+    :math:`Z\Lambda(\theta_j)` stacked ``(kN, q)``, for ``psi (k, m)`` = :math:`(\beta, \theta_2, ...)` per row.
+    """
+    p = tensors.n_fixed
+    eta0 = tensors.X @ psi[:, :p].transpose(0, 1)             # (N, k)
+    if tensors.offset is not None:
+        eta0 = eta0 + tensors.offset[:, None]
+    zls, pos = [], p
+    for lv, ts in zip(tensors.levels, term_sizes):
+        k = n_theta(ts)
+        lams = lambda_from_theta(psi[:, pos:pos + k], ts)  # (k, q, q)
+        zls.append(torch.einsum("nq,kqr->knr", lv.Z, lams).reshape(-1, lv.q))
+        pos += k
+    return eta0.transpose(0, 1).reshape(-1), zls
+
+
 class _Stacked:
     """The K' values as stacked copies in one AGQ module; parameters are a ``(K', m)`` matrix.
 
@@ -128,17 +147,8 @@ class _Stacked:
         return module
 
     def pieces(self, psi: torch.Tensor):
-        r"""Stacked :math:`\eta^0 = X\beta + \text{offset}` ``(kN,)`` and per level :math:`Z\Lambda` ``(kN, q)`` for ``psi (k, m)``."""
-        eta0 = self.tensors.X @ psi[:, :self.p].transpose(0, 1)             # (N, k)
-        if self.tensors.offset is not None:
-            eta0 = eta0 + self.tensors.offset[:, None]
-        eta0 = eta0.transpose(0, 1).reshape(-1)
-        zls, pos = [], self.p
-        for lv, ts, k in zip(self.tensors.levels, self.term_sizes, self.sizes):
-            lams = lambda_from_theta(psi[:, pos:pos + k], ts)  # (k, q, q)
-            zls.append(torch.einsum("nq,kqr->knr", lv.Z, lams).reshape(-1, lv.q))
-            pos += k
-        return eta0, zls
+        """:func:`stacked_pieces` of this model."""
+        return stacked_pieces(self.tensors, psi, self.term_sizes)
 
     def value_grad(self, psi: torch.Tensor, rows: torch.Tensor, keep_modes: bool = True, whole: bool = True):
         """Log-likelihoods ``(r,)`` and gradients of the normalised ones ``(r, m)`` of the values

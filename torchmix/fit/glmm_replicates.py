@@ -43,7 +43,7 @@ from ..errors import ConvergenceWarning
 from ..likelihood.agq import AGQLogLik
 from ..tensors import FitOutput, ModelTensors
 from .glmm import information_scale
-from .glmm_many import CHUNK_ROWS, _newton, _regular, even_chunks, stack_responses
+from .glmm_many import CHUNK_ROWS, _newton, _regular, even_chunks, stack_responses, stacked_pieces
 from .glmm_se import EPS_QUARTER, tau_of_theta
 from .separation import separated_rows
 from .standardize import Standardizer, column_rms
@@ -82,17 +82,8 @@ class _Copies:
         return module
 
     def pieces(self, psi: torch.Tensor):
-        r"""Stacked :math:`\eta^0` ``(cN,)`` and per level :math:`Z\Lambda` ``(cN, q)`` for ``psi (c, m)``."""
-        t = self.tensors
-        eta0 = t.X @ psi[:, :self.p].transpose(0, 1)
-        if t.offset is not None:
-            eta0 = eta0 + t.offset[:, None]
-        zls, pos = [], self.p
-        for lv, ts, k in zip(t.levels, self.term_sizes, self.sizes):
-            lams = lambda_from_theta(psi[:, pos:pos + k], ts)
-            zls.append(torch.einsum("nq,kqr->knr", lv.Z, lams).reshape(-1, lv.q))
-            pos += k
-        return eta0.transpose(0, 1).reshape(-1), zls
+        """:func:`~torchmix.fit.glmm_many.stacked_pieces` of this model."""
+        return stacked_pieces(self.tensors, psi, self.term_sizes)
 
     def value_grad(self, psi: torch.Tensor, rows: torch.Tensor, keep_modes: bool = True):
         """Values :math:`f_r` ``(r,)`` and gradients ``(r, m)`` of the copies ``rows`` (bool ``(c,)``)."""
