@@ -121,3 +121,25 @@ def test_supports_only_one_random_effect_and_canonical_links():
     assert supports(get_family("binomial"), 2, 2) is None
     assert supports(get_family("binomial"), 3, 1) is None
     assert supports(get_family("binomial", "probit"), 2, 1) is None
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_stacked_segment_matrix_equals_its_definition(in_order):
+    """Grouping.stacked: entry cols[i, a] at (a G + g(i), i), built without coalescing."""
+    from torchmix.likelihood.segments import Grouping
+
+    gen = torch.Generator().manual_seed(3)
+    index = torch.repeat_interleave(torch.arange(7), torch.tensor([3, 1, 4, 2, 5, 1, 4]))
+    if not in_order:
+        index = index[torch.randperm(index.numel(), generator=gen)]
+    n, groups = index.numel(), 8  # the last group is empty
+    cols = torch.randn(n, 3, dtype=torch.float64, generator=gen)
+    dense = torch.zeros(3 * groups, n, dtype=torch.float64)
+    for i in range(n):
+        for a in range(3):
+            dense[a * groups + int(index[i]), i] = cols[i, a]
+    mat = Grouping(index, groups).stacked(cols)
+    assert mat.shape == (3 * groups, n)
+    assert torch.equal(mat.to_dense(), dense)
+    x = torch.randn(n, 5, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(mat @ x, dense @ x, rtol=1e-14, atol=1e-14)

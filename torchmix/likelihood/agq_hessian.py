@@ -60,7 +60,6 @@ This is the Hessian that central differences of the exact gradient approximate
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 
@@ -89,17 +88,6 @@ def _mu_derivs(kind: str, eta: torch.Tensor):
         return mu, d1, d1 * (1.0 - 2.0 * mu), d1 * (1.0 - 6.0 * d1)
     mu = torch.exp(eta.clamp(-_ETA_CLAMP, _ETA_CLAMP))
     return mu, mu, mu, mu
-
-
-def _stacked_rows(groups: Grouping, cols: torch.Tensor) -> torch.Tensor:
-    r"""CSR ``(c * G, N)`` with entry ``cols[i, a]`` at row ``a * G + g(i)``: segment sums of ``c`` weighted copies."""
-    n, c = cols.shape
-    rows = (groups.index[:, None] + groups.n * torch.arange(c, device=cols.device)[None, :]).reshape(-1)
-    coo = torch.sparse_coo_tensor(torch.stack([rows, torch.arange(n, device=cols.device).repeat_interleave(c)]),
-                                  cols.reshape(-1), (groups.n * c, n), check_invariants=False)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return coo.coalesce().to_sparse_csr()
 
 
 def _node_pass(kind: str, y: torch.Tensor, base: torch.Tensor, a_row: torch.Tensor, nodes: torch.Tensor, buf):
@@ -160,12 +148,12 @@ class AGQHessian:
         self.pairs = pairs = torch.cat([x_pairs, torch.stack([last, torch.full_like(last, p)])], dim=1)
         self.n0 = x_pairs.shape[1]
         pair_cols = v_cols[:, pairs[0]] * v_cols[:, pairs[1]]
-        self.moment_pairs = _stacked_rows(groups, pair_cols)
-        self.moment_v = _stacked_rows(groups, v_cols)
+        self.moment_pairs = groups.stacked(pair_cols)
+        self.moment_v = groups.stacked(v_cols)
         self.moment_one = groups.ones(X.dtype)
         self.w_rows = groups.matrix(w1)
-        self.v_rows = _stacked_rows(groups, w1[:, None] * v_cols)
-        self.pair_rows = _stacked_rows(groups, w1[:, None] * pair_cols)
+        self.v_rows = groups.stacked(w1[:, None] * v_cols)
+        self.pair_rows = groups.stacked(w1[:, None] * pair_cols)
 
     def _node_sums(self, y, eta_hat, a_row):
         r"""Over the nodes :math:`\eta_{ik}=\hat\eta_i+a_iz_k`: :math:`T` sums ``(G, K, M)``,

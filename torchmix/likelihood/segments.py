@@ -50,6 +50,24 @@ class Grouping:
             return torch.sparse_csr_tensor(self._crow_idx, self._col_idx, values, size=(self.n, self.size),
                                            check_invariants=False)
 
+    def stacked(self, cols: torch.Tensor) -> torch.Tensor:
+        r"""The ``(c n, N)`` CSR matrix with entry ``cols[i, a]`` at ``(a n + index[i], i)``, for ``cols (N, c)``:
+        its product with ``x (N, K)`` is the ``c`` weighted segment sums :math:`\sum_{i:g(i)=g} c_{ia}x_i`
+        stacked block by block. Built directly from the sorted index (no coalescing)."""
+        n_cols = int(cols.shape[1])
+        size, dev = self.size, cols.device
+        values = (cols if self.in_order else cols.index_select(0, self.perm)).transpose(0, 1).reshape(-1)
+        offsets = (torch.arange(n_cols, dtype=torch.int64, device=dev) * size)[:, None]
+        crow = torch.cat([(self.crow[:-1][None, :] + offsets).reshape(-1),
+                          torch.tensor([n_cols * size], dtype=torch.int64, device=dev)])
+        col = self.perm.repeat(n_cols)
+        if n_cols * size < 2 ** 31 - 1:  # 32-bit indices where they fit (see __init__)
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, values.contiguous(), size=(n_cols * self.n, size),
+                                           check_invariants=False)
+
     def ones(self, dtype: torch.dtype) -> torch.Tensor:
         key = (dtype, self.index.device)
         if key not in self._ones:
