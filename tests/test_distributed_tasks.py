@@ -130,6 +130,37 @@ def test_torchrun_command_writes_one_set_of_outputs(tmp_path):
     assert run["config"]["distributed"]["timeout"] == 1800.0
 
 
+_WARNING_SCRIPT = """
+import sys, warnings
+import numpy as np
+import torchmix
+from torchmix.distributed import launched, process_group
+
+with process_group("cpu", 120):
+    data = torchmix.load_dataset("sleepstudy").copy()
+    data.loc[3, "Reaction"] = np.nan  # dropped, with a DataWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = torchmix.mix("Reaction ~ Days + (Days | Subject)", data, progress=False)
+    names = sorted(type(w.message).__name__ for w in caught)
+    with open(f"rank{launched().rank}.txt", "w") as fh:
+        fh.write(f"WARNINGS {','.join(names) or '-'} ROWS {res.nobs}")
+"""
+
+
+@gloo
+@pytest.mark.slow
+def test_python_api_warns_on_process_0_only(tmp_path):
+    """mix() under torchrun: the same fit on both processes, its warnings shown by process 0 alone."""
+    script = tmp_path / "warns.py"
+    script.write_text(_WARNING_SCRIPT)
+    _launch(2, [str(script)], cwd=tmp_path)
+    first, second = ((tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1))
+    assert "DataWarning" in first[1] and "SmallSampleWarning" in first[1]
+    assert second[1] == "-"
+    assert first[3] == second[3] == "179"  # both fitted the 179 complete rows
+
+
 # ----------------------------------------------------------------------------- in one process
 
 

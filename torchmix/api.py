@@ -23,7 +23,7 @@ from .checks import check_identifiable, check_start
 from .design import Design, build_design
 from .design_variance import resolve_design_variance
 from .distributed import is_main
-from .distributed.context import world
+from .distributed.context import warnings_on_main, world
 from .distributed.data_parallel import fit_data_parallel
 from .distributed.tasks import spread_plausible_values
 from .errors import ConfigError, DataError, FormulaError, TorchmixWarning
@@ -260,6 +260,7 @@ def _fit_one(prepared: Prepared, y: Optional[torch.Tensor] = None, start=None) -
     return MixedResults(out, design, prepared.family, prepared.call, o)
 
 
+@warnings_on_main
 def mix(formula: str, data: pd.DataFrame, weights=None, *, cweights: bool = False, family="gaussian",
         link=None, n_quad: int = 13, center_group: Optional[dict] = None, center_grand=None, scaling=None,
         survey: Optional[str] = None, edsurvey_compat: bool = False, plausible_values: Optional[dict] = None,

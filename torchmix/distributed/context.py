@@ -15,14 +15,16 @@ Two views of the process group:
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["World", "world", "launched", "is_main", "run_locally", "all_reduce_sum"]
+__all__ = ["World", "world", "launched", "is_main", "run_locally", "warnings_on_main", "all_reduce_sum"]
 
 _local = threading.local()
 
@@ -62,6 +64,24 @@ def is_main() -> bool:
     """True on rank 0 of the launched group, and in a process without one."""
     w = launched()
     return w is None or w.rank == 0
+
+
+def warnings_on_main(fn):
+    """Decorator: on processes other than rank 0 of a launched group, the warnings raised by ``fn``
+    are not shown, so that a program run by ``torchrun`` warns once, not once per process (every
+    process takes the same decisions; fits a rank makes alone report their failures to rank 0
+    through the gathered results). Errors are raised on every process. Without a group, ``fn``
+    runs as it is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if is_main():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextmanager
