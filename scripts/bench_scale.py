@@ -17,7 +17,8 @@ Each case runs in fresh processes started by this script: one process (``python`
 under ``python -m torch.distributed.run --nproc_per_node=P`` (gloo, on the CPU), every process with
 one torch thread. The time is that of the ``torchmix.mix`` call (including its first-fit warm-up),
 the slowest process's (wall clock, and CPU time of the busiest process, the steadier figure on a
-shared machine; the goals are judged on wall time); the memory is each process's peak resident
+shared machine; the goals are judged on wall time), the median of ``--repeat`` runs (default 3,
+1 and P processes alternating) with the range of the wall times; the memory is each process's peak resident
 set size. The ``pv`` case times the K fits after one small warm-up fit in each process. The script prints a
 table, the speed-up of P processes over one, the largest relative difference between their
 estimates, and GOAL lines (MET / NOT MET) for the goals of the distributed design:
@@ -29,7 +30,7 @@ likelihood is data-parallel (each process holding the rows of its own top-level 
 every process runs the whole fit and the speed-up is about 1.
 
 Usage: ``python scripts/bench_scale.py [--cases null slope logit pv big] [--procs 1 2]
-[--students 613744] [--big-rows 10000000] [--pv-rows 100000] [--k 20] [--timeout 3600]``
+[--students 613744] [--big-rows 10000000] [--pv-rows 100000] [--k 20] [--repeat 3] [--timeout 3600]``
 """
 
 from __future__ import annotations
@@ -211,6 +212,18 @@ def rel_diff(a: list, b: list) -> float:
     return float(np.max(np.abs(a[ok] - b[ok]) / np.maximum(np.abs(a[ok]), 1e-12))) if ok.any() else 0.0
 
 
+def median_run(runs):
+    """The run of median wall time among ``runs`` (the lower middle one of an even number), with its
+    median CPU time and the range of the wall times; None when a run failed."""
+    if not runs:
+        return None
+    order = sorted(runs, key=lambda f: f["wall_s"])
+    fig = dict(order[(len(order) - 1) // 2])
+    fig["cpu_s"] = sorted(f["cpu_s"] for f in runs)[(len(runs) - 1) // 2]
+    fig["wall_min"], fig["wall_max"] = order[0]["wall_s"], order[-1]["wall_s"]
+    return fig
+
+
 def goal_line(text: str, met: bool, detail: str) -> str:
     return f"GOAL {text}: {'MET' if met else 'NOT MET'} ({detail})"
 
@@ -224,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--big-rows", type=int, default=10_000_000, help="rows of the one-process linear model")
     p.add_argument("--pv-rows", type=int, default=100_000, help="rows of the plausible-value logit")
     p.add_argument("--k", type=int, default=20, help="plausible values of the task-parallel case")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each case and process count (alternating); the figures are the medians")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -242,22 +257,30 @@ def main(argv=None) -> int:
     results, goals = {}, []
     for case in args.cases:
         counts = [1] if case == "big" else args.procs
+        runs = {procs: [] for procs in counts}
+        for _ in range(1 if case == "big" else args.repeat):  # alternating, so that drift hits every count alike
+            for procs in counts:
+                if runs[procs] is None:  # failed before
+                    continue
+                try:
+                    runs[procs].append(launch(case, procs, args))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(f"{case:<6} {procs:>5}  FAILED: {str(exc).strip().splitlines()[-1]}")
+                    runs[procs] = None
         base = None
         for procs in counts:
-            try:
-                fig = launch(case, procs, args)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"{case:<6} {procs:>5}  FAILED: {str(exc).strip().splitlines()[-1]}")
-                results[(case, procs)] = None
-                continue
+            fig = median_run(runs[procs])
             results[(case, procs)] = fig
+            if fig is None:
+                continue
             base = fig if base is None else base
             speed, cpu_speed = base["wall_s"] / fig["wall_s"], base["cpu_s"] / fig["cpu_s"]
             diff = rel_diff(base["estimates"] + base["std_errors"], fig["estimates"] + fig["std_errors"])
             mem = ", ".join(f"{m:.2f}" for m in fig["peak_rss_gib"])
+            spread = "" if len(runs[procs]) == 1 else f"  (wall {fig['wall_min']:.2f}-{fig['wall_max']:.2f} s)"
             print(f"{case:<6} {procs:>5} {fig['rows']:>11,} {fig['wall_s']:>8.2f} {speed:>7.2f}x {fig['cpu_s']:>7.2f} "
-                  f"{cpu_speed:>7.2f}x {mem:>18} {diff:>12.1e}" + ("" if fig["converged"] else "  (not converged)"),
-                  flush=True)
+                  f"{cpu_speed:>7.2f}x {mem:>18} {diff:>12.1e}" + ("" if fig["converged"] else "  (not converged)")
+                  + spread, flush=True)
     for case, goal in GOALS.items():
         if case not in args.cases or 2 not in args.procs or 1 not in args.procs:
             continue
