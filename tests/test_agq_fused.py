@@ -72,13 +72,24 @@ def test_fast_path_top_scores_equal_generic(fam_name):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
 
 
-def test_fast_path_recomputes_derivative_when_memory_is_bounded():
-    """Above ``max_chunk_elems`` the node derivative is recomputed instead of kept: same result."""
-    tens = _case("binomial", 2, True, seed=8)
-    fam = get_family("binomial")
-    beta, lams = t(0.3, -0.2), _lambdas(2, True)
+@pytest.mark.parametrize("fam_name", ["binomial", "poisson"])
+@pytest.mark.parametrize("slope", [False, True])
+def test_fast_path_in_small_row_blocks_with_rows_out_of_group_order(fam_name, slope):
+    """Rows shuffled (not stored group by group) and ``max_chunk_elems`` so small that the node pass runs
+    in many row blocks (one group where a group alone is larger): values and gradients equal the generic
+    path, and the modes those of the rows in group order."""
+    df = simulate(fam_name, seed=8, levels=2, slope=slope, n_top=40)
+    df["c1"] = df["c1"] * 0.73 + 0.1
+    shuffled = df.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    fam = get_family(fam_name)
+    beta, lams = t(0.3, -0.2), _lambdas(2, slope)
+    tens = frame_tensors(shuffled, levels=2, slope=slope)
+    assert not bool((tens.levels[0].group[1:] >= tens.levels[0].group[:-1]).all())
     small = _value_and_grad(tens, fam, 7, beta, lams, True, max_chunk_elems=64)
+    assert len(small[2]._fused.blocks(7 ** (2 if slope else 1))) > 5
     _assert_same(small, _value_and_grad(tens, fam, 7, beta, lams, False))
+    ordered = _value_and_grad(frame_tensors(df, levels=2, slope=slope), fam, 7, beta, lams, True)
+    torch.testing.assert_close(small[0].sum(), ordered[0].sum(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("levels", [2, 3])

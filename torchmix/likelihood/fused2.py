@@ -27,11 +27,19 @@ Per group (indices :math:`j` dropped), with :math:`L L^\top = H = \sum_i w_i W(\
 
 all times :math:`w^{(2)}_j`; :math:`c = -\partial^2_\eta\log f` and :math:`\Phi` keeps the lower triangle and
 halves the diagonal. The last two terms are the implicit derivative of the mode (MATH.md 5.6).
-The :math:`N\times M` work is one pass of the node kernel (:mod:`torchmix.likelihood.kernels`) that
-keeps :math:`r`, and one weighted reduction of it; buffers are reused between evaluations.
+The :math:`N\times M` work is one pass of the node kernel (:mod:`torchmix.likelihood.kernels`) and
+one weighted reduction of its :math:`r`, done block by block: the rows, taken in group order, are cut
+into blocks of whole groups of about ``chunk_elems`` :math:`/M` rows, and a block's node pass, group
+sums, node probabilities :math:`P` and weighted reduction run one after the other while its
+:math:`(N_b, M)` arrays are in the processor cache. Only group-sized and row-sized arrays go through
+memory, so the pass is several times lighter on memory bandwidth (which the cores of a machine share)
+and nothing of size :math:`N\times M` is kept. Buffers are reused between evaluations.
 """
 
 from __future__ import annotations
+
+import bisect
+import warnings
 
 import torch
 
@@ -39,17 +47,55 @@ from .modes import (TRUST_STEP, chol, chol_solve, linear_predictor, lower_solve,
                     weighted_outer)
 from .segments import Grouping
 
-__all__ = ["FusedData", "fused_forward2"]
+__all__ = ["FusedData", "RowBlock", "fused_forward2"]
+
+
+class RowBlock:
+    r"""Rows of the groups :math:`g_0 \le g < g_1`, in group order.
+
+    Attributes
+    ----------
+    g0, g1 : the groups held; r0, r1 : their rows' positions in group order.
+    rows : int64 ``(N_b,)`` the rows (original order), or None when the rows are stored in group order
+        (then they are ``r0:r1``).
+    local : int64 ``(N_b,)`` each row's group, ``0 .. g1 - g0 - 1``.
+    csr : ``(g1 - g0, N_b)`` CSR with entry :math:`w_i` at (its group, its position): the block's
+        weighted group sums.
+    """
+
+    def __init__(self, g: Grouping, w1: torch.Tensor, index_sorted: torch.Tensor, g0: int, g1: int):
+        crow = g.crow
+        self.g0, self.g1 = g0, g1
+        self.r0, self.r1 = int(crow[g0]), int(crow[g1])
+        n_rows = self.r1 - self.r0
+        self.rows = None if g.in_order else g.perm[self.r0:self.r1]
+        self.local = index_sorted[self.r0:self.r1] - g0
+        values = w1[self.r0:self.r1] if self.rows is None else w1.index_select(0, self.rows)
+        crow_b = (crow[g0:g1 + 1] - self.r0).to(torch.int32)
+        col = torch.arange(n_rows, dtype=torch.int32, device=w1.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.csr = torch.sparse_csr_tensor(crow_b, col, values.contiguous(), size=(g1 - g0, n_rows),
+                                               check_invariants=False)
+
+    @property
+    def n_rows(self) -> int:
+        return self.r1 - self.r0
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's rows of a row-indexed ``x``."""
+        return x[self.r0:self.r1] if self.rows is None else x.index_select(0, self.rows)
 
 
 class FusedData:
     """Constants and reusable buffers of the fused two-level evaluation of one module."""
 
-    def __init__(self, kernel_cls, y, w1, g: Grouping, chunk_elems: int, save_elems: int):
+    def __init__(self, kernel_cls, y, w1, g: Grouping, chunk_elems: int):
         self.kernel = kernel_cls(y, w1, g)
         self.y, self.w1, self.g = y, w1, g
-        self.chunk_elems, self.save_elems = int(chunk_elems), int(save_elems)
+        self.chunk_elems = int(chunk_elems)
         self._bufs = {}
+        self._blocks = {}
         ker = self.kernel
         self.w_alpha = w1 * ker.alpha
         self.w_beta = None if ker.beta is None else w1 * ker.beta
@@ -80,12 +126,21 @@ class FusedData:
         buf = self.buffer(("ones", n), (n,), like)
         return buf.fill_(1.0)
 
-    def chunks(self, n_nodes: int):
-        n_rows = max(self.y.shape[0], 1)
-        # cache-sized chunks, but at least a few nodes while the memory budget allows
-        step = max(self.chunk_elems // n_rows, min(4, max(1, self.save_elems // n_rows)))
-        step = max(1, min(n_nodes, step))
-        return [(m0, min(m0 + step, n_nodes)) for m0 in range(0, n_nodes, step)]
+    def blocks(self, n_nodes: int) -> list:
+        """The :class:`RowBlock` s of a node pass over ``n_nodes`` nodes (module docstring): consecutive
+        groups, each block at least one group and about ``chunk_elems // n_nodes`` rows."""
+        hit = self._blocks.get(n_nodes)
+        if hit is None:
+            g = self.g
+            target = max(1, self.chunk_elems // max(n_nodes, 1))
+            crow = g.crow.tolist()
+            index_sorted = g.index if g.in_order else g.index.index_select(0, g.perm)
+            cuts = [0]
+            while cuts[-1] < g.n:
+                g0 = cuts[-1]
+                cuts.append(min(max(bisect.bisect_left(crow, crow[g0] + target, g0 + 1), g0 + 1), g.n))
+            hit = self._blocks[n_nodes] = [RowBlock(g, self.w1, index_sorted, a, b) for a, b in zip(cuts, cuts[1:])]
+        return hit
 
 
 def _chunk_arg(bs, as_, nodes_t, out):
@@ -93,53 +148,68 @@ def _chunk_arg(bs, as_, nodes_t, out):
     return torch.addmm(bs[:, None], as_, nodes_t, out=out)
 
 
-def _node_sums(data: FusedData, base, a, nodes, keep: bool):
-    """``S (G, M)`` and, if ``keep``, the list of kept derivative chunks ``(m0, m1, r)``."""
+def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool):
+    r"""The node pass, block by block (module docstring).
+
+    Returns ``total (G, M)`` (:math:`T_m`), ``lse (G,)`` (:math:`\log\sum_m e^{T_m}`) and, with ``need_grad``,
+    ``prob (G, M)`` (:math:`P`), :math:`\sum_m P_{g(i)m} r_{im}` ``(N,)`` and :math:`\sum_m P_{g(i)m} r_{im} z_m`
+    ``(N, q)``; ``centred`` is :math:`u^\ast + M^\top z_m`, ``(G, M)`` for one random effect, else ``(G, M, q)``.
+    """
     ker = data.kernel
     bs, as_ = ker.prepare(base, a)
-    n_nodes = nodes.shape[0]
-    out = torch.empty(data.g.n, n_nodes, dtype=base.dtype, device=base.device)
-    kept = []
-    for k, (m0, m1) in enumerate(data.chunks(n_nodes)):
-        t = data.buffer(("t", m1 - m0), (base.shape[0], m1 - m0), base)
-        _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
-        r = data.buffer(("r", k), (base.shape[0], m1 - m0), base) if keep else None
-        csr, lf = ker.apply(t, r)
-        sums = csr @ lf
+    n_nodes, n_rows, n_groups = nodes.shape[0], base.shape[0], data.g.n
+    like = dict(dtype=base.dtype, device=base.device)
+    nodes_t = nodes.transpose(0, 1)
+    blocks = data.blocks(n_nodes)
+    longest = max(b.n_rows for b in blocks)
+    t_buf = data.buffer("t", (longest, n_nodes), base)
+    r_buf = data.buffer("r", (longest, n_nodes), base) if need_grad else None
+    total = torch.empty(n_groups, n_nodes, **like)
+    lse = torch.empty(n_groups, **like)
+    if need_grad:
+        pg_buf = data.buffer("pg", (longest, n_nodes), base)
+        prob = torch.empty(n_groups, n_nodes, **like)
+        rho = torch.empty(n_rows, **like)
+        kap = torch.empty(n_rows, nodes.shape[1], **like)
+        ones = data.ones(n_nodes, base)
+    for blk in blocks:
+        nb, g0, g1 = blk.n_rows, blk.g0, blk.g1
+        b_b, a_b, y_b = blk.take(bs), blk.take(as_), blk.take(data.y)
+        t = _chunk_arg(b_b, a_b, nodes_t, t_buf[:nb])
+        r = r_buf[:nb] if need_grad else None
+        negate, lf = ker.apply(t, r, y_b)
+        sums = blk.csr @ lf
         if ker.apply_tails is not None and not bool(torch.isfinite(sums).all()):  # underflow: again, safely
-            _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
-            csr, lf = ker.apply_tails(t, r)
-            sums = csr @ lf
-        out[:, m0:m1] = sums
-        if keep:
-            kept.append((m0, m1, r))
-    if ker.const is not None:
-        out += ker.const[:, None]
-    return out, kept
-
-
-def _weighted_derivative(data: FusedData, base, a, nodes, prob, kept):
-    r""":math:`\sum_m P_{g(i)m} r_{im}` ``(N,)`` and :math:`\sum_m P_{g(i)m} r_{im} z_m` ``(N, q)``."""
-    ker = data.kernel
-    n_rows = base.shape[0]
-    pg = torch.index_select(prob, 0, data.g.index, out=data.buffer("pg", (n_rows, prob.shape[1]), prob))
-    if not kept:  # recompute the derivative chunk by chunk
-        bs, as_ = ker.prepare(base, a)
-        for m0, m1 in data.chunks(nodes.shape[0]):
-            t = data.buffer(("t", m1 - m0), (n_rows, m1 - m0), base)
-            _chunk_arg(bs, as_, nodes[m0:m1].transpose(0, 1), t)
-            r = torch.empty_like(t)
-            ker.apply(t, r)
-            kept.append((m0, m1, r))
-    rho = kap = None
-    for m0, m1, r in kept:
-        r.mul_(pg[:, m0:m1])
-        if rho is None:
-            rho, kap = torch.mv(r, data.ones(m1 - m0, r)), r @ nodes[m0:m1]
+            _chunk_arg(b_b, a_b, nodes_t, t)
+            negate, lf = ker.apply_tails(t, r, y_b)
+            sums = blk.csr @ lf
+        tot = total[g0:g1]
+        if negate:
+            torch.neg(sums, out=tot)
         else:
-            rho.addmv_(r, data.ones(m1 - m0, r))
-            kap.addmm_(r, nodes[m0:m1])
-    return rho, kap
+            tot.copy_(sums)
+        if ker.const is not None:
+            tot += ker.const[g0:g1, None]
+        tot.add_(lwn)
+        if centred.dim() == 2:
+            tot.addcmul_(centred[g0:g1], centred[g0:g1], value=-0.5)
+        else:
+            tot.add_((centred[g0:g1] * centred[g0:g1]).sum(-1), alpha=-0.5)
+        lse_b = torch.logsumexp(tot, dim=1)
+        lse[g0:g1] = lse_b
+        if not need_grad:
+            continue
+        p_b = torch.exp(tot - lse_b[:, None], out=prob[g0:g1])
+        r.mul_(torch.index_select(p_b, 0, blk.local, out=pg_buf[:nb]))
+        if blk.rows is None:
+            torch.mv(r, ones, out=rho[blk.r0:blk.r1])
+            torch.mm(r, nodes, out=kap[blk.r0:blk.r1])
+        else:
+            rho.index_copy_(0, blk.rows, torch.mv(r, ones))
+            kap.index_copy_(0, blk.rows, r @ nodes)
+    if not need_grad:
+        return total, lse, None, None, None
+    return total, lse, prob, rho, kap
 
 
 def _chol_adjoint(l_fac: torch.Tensor, g_l: torch.Tensor) -> torch.Tensor:
@@ -276,21 +346,11 @@ class _FusedAGQ2(torch.autograd.Function):
         else:
             centred = u_star[:, None, :] + _upper_solve_nodes(l_fac, nodes)  # (G, M, q)
         need_grad = any(ctx.needs_input_grad[:2])
-        n_elems = zl.shape[0] * nodes.shape[0]
-        keep = need_grad and n_elems <= data.save_elems
-        sums, kept = _node_sums(data, eta_star, a, nodes, keep)
-        total = sums.add_(module.lwn2)
-        if q == 1:
-            total.addcmul_(centred, centred, value=-0.5)
-        else:
-            total.add_((centred * centred).sum(-1), alpha=-0.5)
-        lse = torch.logsumexp(total, dim=1)
+        _, lse, prob, rho_r, kap_r = _blocked_pass(data, eta_star, a, nodes, module.lwn2, centred, need_grad)
         log_det = torch.log(torch.diagonal(l_fac, dim1=-2, dim2=-1)).sum(-1)
         ell = w2 * (lse - log_det)
         if not need_grad:
             return ell
-        prob = torch.exp(total - lse[:, None])  # (G, M)
-        rho_r, kap_r = _weighted_derivative(data, eta_star, a, nodes, prob, kept)
         zbar = prob @ nodes  # (G, q)
         rho, kap = data.weighted_rows(rho_r, kap_r, zbar)  # w_i rho_i, w_i kappa_i
         args = (data, zl, fw, dfw, l_fac, u_hat, u_star, chol_obs, d1, curv, rho, kap, prob, zbar, nodes)

@@ -12,7 +12,8 @@ linear predictor written in place:
 
 A kernel describes the derivative as :math:`\partial_\eta\log f_{im} = \alpha_i r_{im} + \beta_i`
 with a per-element :math:`r` it keeps and per-row :math:`\alpha, \beta`, and the weighted group sums as
-one sparse matrix times the in-place :math:`\log f` chunk plus a per-group constant.
+the row-weighted group sums of the in-place :math:`\log f` chunk (negated where the kernel says so) plus
+a per-group constant.
 :func:`canonical_kernel` returns None for any other family or link (also for user subclasses, whose
 :meth:`logf` may differ), which then go through the generic path.
 """
@@ -70,8 +71,6 @@ class LogitKernel:
         self.sign = 2.0 * y - 1.0
         self.alpha = -self.sign
         self.beta = self.sign
-        self.csr = g.matrix(w1)
-        self.csr_neg = g.matrix(-w1)
         self.const = None
         self.tails_used = False
 
@@ -93,18 +92,20 @@ class LogitKernel:
         w = torch.addcmul(mu, mu, mu, value=-1.0)
         return w, torch.addcmul(w, mu, w, value=-2.0)
 
-    def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
-        r"""``keep`` <- :math:`\sigma(t)`; returns the sparse weight matrix and ``t`` overwritten so that their
-        product is :math:`\sum_i w_i\log f`."""
+    def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor], y: Optional[torch.Tensor] = None):
+        r"""``keep`` <- :math:`\sigma(t)`; returns ``(negate, t)`` with ``t`` overwritten by :math:`\log f`
+        (``negate`` False: the group sums are :math:`\sum_i w_i t_{im}`). The rows of ``t`` may be any rows
+        (a block): the response entered through :meth:`prepare`, ``y`` is not used."""
         p = torch.sigmoid(t, out=keep) if keep is not None else torch.sigmoid(t)
-        return self.csr, log_into(p, t)
+        return False, log_into(p, t)
 
-    def apply_tails(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
-        r"""As :meth:`apply`, with :math:`\log f = -\operatorname{softplus}(-t)` (finite for every :math:`t`)."""
+    def apply_tails(self, t: torch.Tensor, keep: Optional[torch.Tensor], y: Optional[torch.Tensor] = None):
+        r"""As :meth:`apply`, with ``t`` <- :math:`\operatorname{softplus}(-t) = -\log f` (finite for every
+        :math:`t`) and ``negate`` True."""
         self.tails_used = True
         if keep is not None:
             torch.sigmoid(t, out=keep)
-        return self.csr_neg, torch.ops.aten.softplus.out(t.neg_(), 1, 20, out=t)
+        return True, torch.ops.aten.softplus.out(t.neg_(), 1, 20, out=t)
 
 
 class PoissonLogKernel:
@@ -114,7 +115,6 @@ class PoissonLogKernel:
         self.y = y
         self.alpha = -torch.ones_like(y)
         self.beta = y
-        self.csr = g.matrix(w1)
         self.const = -g.sum(w1 * torch.lgamma(y + 1.0))  # (G,)
 
     apply_tails = None
@@ -128,11 +128,12 @@ class PoissonLogKernel:
         mu = torch.exp(eta.clamp(-_ETA_CLAMP, _ETA_CLAMP))
         return mu, mu
 
-    def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor]):
-        """``keep`` <- :math:`e^{\\eta}`; ``t`` <- :math:`y\\eta - e^{\\eta}` in place (clamped :math:`\\eta`)."""
+    def apply(self, t: torch.Tensor, keep: Optional[torch.Tensor], y: Optional[torch.Tensor] = None):
+        """``keep`` <- :math:`e^{\\eta}`; ``t`` <- :math:`y\\eta - e^{\\eta}` in place (clamped :math:`\\eta`);
+        returns ``(False, t)``. ``y``: the responses of the rows of ``t`` (default: all rows, in order)."""
         t.clamp_(-_ETA_CLAMP, _ETA_CLAMP)
         mu = exp_into(t, keep if keep is not None else torch.empty_like(t))
-        return self.csr, t.mul_(self.y[:, None]).sub_(mu)
+        return False, t.mul_((self.y if y is None else y)[:, None]).sub_(mu)
 
 
 def canonical_kernel(family):
