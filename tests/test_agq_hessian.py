@@ -143,3 +143,21 @@ def test_stacked_segment_matrix_equals_its_definition(in_order):
     assert torch.equal(mat.to_dense(), dense)
     x = torch.randn(n, 5, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(mat @ x, dense @ x, rtol=1e-14, atol=1e-14)
+
+
+def test_row_blocks_change_nothing(monkeypatch):
+    """The node pass in many small row blocks (rows not stored in group order) gives the Hessian of one block."""
+    import torchmix.likelihood.agq_hessian as agq_hessian
+
+    t, fam, module = _setup("binomial", 5)
+    lv = t.levels[0]
+    assert not bool((lv.group[1:] >= lv.group[:-1]).all())
+    psi = torch.tensor([-0.3, 0.5, 0.2, 0.8], dtype=torch.float64)
+    _, whole = _fd_and_exact(t, fam, module, psi, 5)
+    monkeypatch.setattr(agq_hessian, "BLOCK_ELEMS", 40)  # 8 rows a block: about one group each
+    grid = product_grid(5, 1)
+    small = AGQHessian("logit", t.X, t.offset, lv.Z[:, 0], t.w1_cond, lv.w_cond, Grouping(lv.group, lv.n_groups),
+                       grid.nodes[:, 0], grid.log_weights_plus_norm)
+    assert len(small.blocks) >= 20
+    got = small(t.y[:, None], psi[None], module.modes[0][:, 0][None])[0]
+    np.testing.assert_allclose(got.numpy(), whole.numpy(), rtol=1e-12, atol=1e-12 * float(whole.abs().max()))

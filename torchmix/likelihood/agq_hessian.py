@@ -68,6 +68,9 @@ from .segments import Grouping
 
 __all__ = ["AGQHessian", "supports"]
 
+#: Elements of the node arrays of one row block (2 MiB of float64 each: cache-sized).
+BLOCK_ELEMS = 2 ** 18
+
 _ETA_CLAMP = 700.0
 
 
@@ -151,27 +154,34 @@ class AGQHessian:
         self.moment_pairs = groups.stacked(pair_cols)
         self.moment_v = groups.stacked(v_cols)
         self.moment_one = groups.ones(X.dtype)
-        self.w_rows = groups.matrix(w1)
-        self.v_rows = groups.stacked(w1[:, None] * v_cols)
-        self.pair_rows = groups.stacked(w1[:, None] * pair_cols)
+        # the node pass runs over cache-sized row blocks of whole groups, each with its weighted sums
+        wv, wp = w1[:, None] * v_cols, w1[:, None] * pair_cols
+        self.blocks = [(b, b.groups.matrix(b.take(w1)), b.groups.stacked(b.take(wv)), b.groups.stacked(b.take(wp)))
+                       for b in groups.blocks(BLOCK_ELEMS // max(int(nodes.shape[0]), 1))]
 
     def _node_sums(self, y, eta_hat, a_row):
         r"""Over the nodes :math:`\eta_{ik}=\hat\eta_i+a_iz_k`: :math:`T` sums ``(G, K, M)``,
-        :math:`\sum_iw_ir_{ik}v_i` ``(m, G, K, M)`` and :math:`\sum_iw_i\mu'_{ik}v_{ia}v_{ib}` ``(pairs, G, K, M)``."""
-        n, k_all = eta_hat.shape
+        :math:`\sum_iw_ir_{ik}v_i` ``(m, G, K, M)`` and :math:`\sum_iw_i\mu'_{ik}v_{ia}v_{ib}` ``(pairs, G, K, M)``;
+        one value and one row block (:meth:`~torchmix.likelihood.segments.Grouping.blocks`) at a time, so that
+        the node arrays stay in the processor cache."""
+        k_all = eta_hat.shape[1]
         n_nodes = self.nodes.shape[0]
-        m, n_pairs = self.X.shape[1] + 1, self.pairs.shape[1]
+        m, n_pairs, g = self.X.shape[1] + 1, self.pairs.shape[1], self.groups.n
         like = dict(dtype=eta_hat.dtype, device=eta_hat.device)
-        buf = [torch.empty(n, n_nodes, **like) for _ in range(3)]
-        out_t, out_r, out_c = [], [], []
+        longest = max(b.n_rows for b, *_ in self.blocks)
+        buf = [torch.empty(longest, n_nodes, **like) for _ in range(3)]
+        out_t = torch.empty(g, k_all, n_nodes, **like)
+        out_r = torch.empty(m, g, k_all, n_nodes, **like)
+        out_c = torch.empty(n_pairs, g, k_all, n_nodes, **like)
         for k in range(k_all):
-            logf, resid, curv = _node_pass(self.kind, y[:, k], eta_hat[:, k], a_row[:, k], self.nodes, buf)
-            out_t.append(self.w_rows @ logf)
-            out_r.append(self.v_rows @ resid)
-            out_c.append(self.pair_rows @ curv)
-        g = self.groups.n
-        return (torch.stack(out_t, 1), torch.stack(out_r, 1).reshape(m, g, k_all, n_nodes),
-                torch.stack(out_c, 1).reshape(n_pairs, g, k_all, n_nodes))
+            for blk, w_rows, v_rows, pair_rows in self.blocks:
+                nb, g0, g1 = blk.n_rows, blk.g0, blk.g1
+                logf, resid, curv = _node_pass(self.kind, blk.take(y[:, k]), blk.take(eta_hat[:, k]),
+                                               blk.take(a_row[:, k]), self.nodes, [b[:nb] for b in buf])
+                out_t[g0:g1, k] = w_rows @ logf
+                out_r[:, g0:g1, k] = (v_rows @ resid).reshape(m, g1 - g0, n_nodes)
+                out_c[:, g0:g1, k] = (pair_rows @ curv).reshape(n_pairs, g1 - g0, n_nodes)
+        return out_t, out_r, out_c
 
     def _square(self, pair_values: torch.Tensor) -> torch.Tensor:
         """The symmetric ``(m, m, ...)`` from its values at :attr:`pairs` ``(pairs, ...)``."""

@@ -38,53 +38,13 @@ and nothing of size :math:`N\times M` is kept. Buffers are reused between evalua
 
 from __future__ import annotations
 
-import bisect
-import warnings
-
 import torch
 
 from .modes import (TRUST_STEP, chol, chol_solve, linear_predictor, lower_solve, newton_modes_2, warn_modes,
                     weighted_outer)
 from .segments import Grouping
 
-__all__ = ["FusedData", "RowBlock", "fused_forward2"]
-
-
-class RowBlock:
-    r"""Rows of the groups :math:`g_0 \le g < g_1`, in group order.
-
-    Attributes
-    ----------
-    g0, g1 : the groups held; r0, r1 : their rows' positions in group order.
-    rows : int64 ``(N_b,)`` the rows (original order), or None when the rows are stored in group order
-        (then they are ``r0:r1``).
-    local : int64 ``(N_b,)`` each row's group, ``0 .. g1 - g0 - 1``.
-    csr : ``(g1 - g0, N_b)`` CSR with entry :math:`w_i` at (its group, its position): the block's
-        weighted group sums.
-    """
-
-    def __init__(self, g: Grouping, w1: torch.Tensor, index_sorted: torch.Tensor, g0: int, g1: int):
-        crow = g.crow
-        self.g0, self.g1 = g0, g1
-        self.r0, self.r1 = int(crow[g0]), int(crow[g1])
-        n_rows = self.r1 - self.r0
-        self.rows = None if g.in_order else g.perm[self.r0:self.r1]
-        self.local = index_sorted[self.r0:self.r1] - g0
-        values = w1[self.r0:self.r1] if self.rows is None else w1.index_select(0, self.rows)
-        crow_b = (crow[g0:g1 + 1] - self.r0).to(torch.int32)
-        col = torch.arange(n_rows, dtype=torch.int32, device=w1.device)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            self.csr = torch.sparse_csr_tensor(crow_b, col, values.contiguous(), size=(g1 - g0, n_rows),
-                                               check_invariants=False)
-
-    @property
-    def n_rows(self) -> int:
-        return self.r1 - self.r0
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's rows of a row-indexed ``x``."""
-        return x[self.r0:self.r1] if self.rows is None else x.index_select(0, self.rows)
+__all__ = ["FusedData", "fused_forward2"]
 
 
 class FusedData:
@@ -127,19 +87,13 @@ class FusedData:
         return buf.fill_(1.0)
 
     def blocks(self, n_nodes: int) -> list:
-        """The :class:`RowBlock` s of a node pass over ``n_nodes`` nodes (module docstring): consecutive
-        groups, each block at least one group and about ``chunk_elems // n_nodes`` rows."""
+        """``[(block, csr), ...]``: the :class:`~torchmix.likelihood.segments.RowBlock` s of a node pass over
+        ``n_nodes`` nodes (module docstring), about ``chunk_elems // n_nodes`` rows each, with the CSR of the
+        block's row weights (its weighted group sums)."""
         hit = self._blocks.get(n_nodes)
         if hit is None:
-            g = self.g
-            target = max(1, self.chunk_elems // max(n_nodes, 1))
-            crow = g.crow.tolist()
-            index_sorted = g.index if g.in_order else g.index.index_select(0, g.perm)
-            cuts = [0]
-            while cuts[-1] < g.n:
-                g0 = cuts[-1]
-                cuts.append(min(max(bisect.bisect_left(crow, crow[g0] + target, g0 + 1), g0 + 1), g.n))
-            hit = self._blocks[n_nodes] = [RowBlock(g, self.w1, index_sorted, a, b) for a, b in zip(cuts, cuts[1:])]
+            blocks = self.g.blocks(self.chunk_elems // max(n_nodes, 1))
+            hit = self._blocks[n_nodes] = [(b, b.groups.matrix(b.take(self.w1))) for b in blocks]
         return hit
 
 
@@ -161,7 +115,7 @@ def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool
     like = dict(dtype=base.dtype, device=base.device)
     nodes_t = nodes.transpose(0, 1)
     blocks = data.blocks(n_nodes)
-    longest = max(b.n_rows for b in blocks)
+    longest = max(b.n_rows for b, _ in blocks)
     t_buf = data.buffer("t", (longest, n_nodes), base)
     r_buf = data.buffer("r", (longest, n_nodes), base) if need_grad else None
     total = torch.empty(n_groups, n_nodes, **like)
@@ -172,17 +126,17 @@ def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool
         rho = torch.empty(n_rows, **like)
         kap = torch.empty(n_rows, nodes.shape[1], **like)
         ones = data.ones(n_nodes, base)
-    for blk in blocks:
+    for blk, csr in blocks:
         nb, g0, g1 = blk.n_rows, blk.g0, blk.g1
         b_b, a_b, y_b = blk.take(bs), blk.take(as_), blk.take(data.y)
         t = _chunk_arg(b_b, a_b, nodes_t, t_buf[:nb])
         r = r_buf[:nb] if need_grad else None
         negate, lf = ker.apply(t, r, y_b)
-        sums = blk.csr @ lf
+        sums = csr @ lf
         if ker.apply_tails is not None and not bool(torch.isfinite(sums).all()):  # underflow: again, safely
             _chunk_arg(b_b, a_b, nodes_t, t)
             negate, lf = ker.apply_tails(t, r, y_b)
-            sums = blk.csr @ lf
+            sums = csr @ lf
         tot = total[g0:g1]
         if negate:
             torch.neg(sums, out=tot)
@@ -200,7 +154,7 @@ def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool
         if not need_grad:
             continue
         p_b = torch.exp(tot - lse_b[:, None], out=prob[g0:g1])
-        r.mul_(torch.index_select(p_b, 0, blk.local, out=pg_buf[:nb]))
+        r.mul_(torch.index_select(p_b, 0, blk.groups.index, out=pg_buf[:nb]))
         if blk.rows is None:
             torch.mv(r, ones, out=rho[blk.r0:blk.r1])
             torch.mm(r, nodes, out=kap[blk.r0:blk.r1])

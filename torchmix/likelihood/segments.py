@@ -11,11 +11,12 @@ is the product of the ``(G, N)`` CSR matrix with entries :math:`v_i` at :math:`(
 
 from __future__ import annotations
 
+import bisect
 import warnings
 
 import torch
 
-__all__ = ["Grouping"]
+__all__ = ["Grouping", "RowBlock"]
 
 
 class Grouping:
@@ -68,6 +69,22 @@ class Grouping:
             return torch.sparse_csr_tensor(crow, col, values.contiguous(), size=(n_cols * self.n, size),
                                            check_invariants=False)
 
+    def blocks(self, target_rows: int) -> list:
+        """The rows cut into :class:`RowBlock` s of consecutive whole groups, in group order: each block
+        at least one group and, where groups allow, about ``target_rows`` rows (a node pass over a block
+        then stays in the processor cache). Cached per ``target_rows``."""
+        target = max(1, int(target_rows))
+        cache = self.__dict__.setdefault("_blocks", {})
+        if target not in cache:
+            crow = self.crow.tolist()
+            index_sorted = self.index if self.in_order else self.index.index_select(0, self.perm)
+            cuts = [0]
+            while cuts[-1] < self.n:
+                g0 = cuts[-1]
+                cuts.append(min(max(bisect.bisect_left(crow, crow[g0] + target, g0 + 1), g0 + 1), self.n))
+            cache[target] = [RowBlock(self, index_sorted, a, b) for a, b in zip(cuts, cuts[1:])]
+        return cache[target]
+
     def ones(self, dtype: torch.dtype) -> torch.Tensor:
         key = (dtype, self.index.device)
         if key not in self._ones:
@@ -85,6 +102,32 @@ class Grouping:
     def gather(self, group_values: torch.Tensor) -> torch.Tensor:
         """``group_values[index]`` (``(n, ...) -> (N, ...)``)."""
         return group_values.index_select(0, self.index)
+
+
+class RowBlock:
+    r"""The rows of the groups :math:`g_0 \le g < g_1` of a :class:`Grouping`, in group order.
+
+    Attributes
+    ----------
+    g0, g1 : the groups held; r0, r1 : their rows' positions in group order (``n_rows = r1 - r0``).
+    rows : int64 ``(n_rows,)`` the rows (original order), or None when the rows are stored in group
+        order (then they are ``r0:r1``).
+    groups : :class:`Grouping` of the block's rows (in :meth:`take` order) to its ``g1 - g0`` groups.
+    """
+
+    def __init__(self, grouping: Grouping, index_sorted: torch.Tensor, g0: int, g1: int):
+        self.g0, self.g1 = int(g0), int(g1)
+        self.r0, self.r1 = int(grouping.crow[g0]), int(grouping.crow[g1])
+        self.rows = None if grouping.in_order else grouping.perm[self.r0:self.r1]
+        self.groups = Grouping(index_sorted[self.r0:self.r1] - self.g0, self.g1 - self.g0)
+
+    @property
+    def n_rows(self) -> int:
+        return self.r1 - self.r0
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's rows of a row-indexed ``x`` (``(N, ...) -> (n_rows, ...)``)."""
+        return x[self.r0:self.r1] if self.rows is None else x.index_select(0, self.rows)
 
 
 class _SegmentSum(torch.autograd.Function):
