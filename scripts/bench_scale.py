@@ -16,13 +16,14 @@ student and school weights. Cases:
 Each case runs in fresh processes started by this script: one process (``python``), and P processes
 under ``python -m torch.distributed.run --nproc_per_node=P`` (gloo, on the CPU), every process with
 one torch thread. The time is that of the ``torchmix.mix`` call (including its first-fit warm-up,
-and the import of the model code, ``torchmix.api``, that ``torchmix.mix`` triggers on first use: shown
-apart in the ``import`` column, a cost that every process pays alike), the slowest process's (wall clock, and CPU time of the busiest process, the steadier figure on a
-shared machine; the goals are judged on wall time), the median of ``--repeat`` runs (default 3,
-1 and P processes alternating) with the range of the wall times; the memory is each process's peak resident
-set size. The ``pv`` case times the K fits after one small warm-up fit in each process. The script prints a
-table, the speed-up of P processes over one, the largest relative difference between their
-estimates, and GOAL lines (MET / NOT MET) for the goals of the distributed design:
+and the import of the model code, ``torchmix.api``, that ``torchmix.mix`` triggers on first use:
+shown apart in the ``import`` column, a cost that every process pays alike), the slowest process's
+(wall clock, and CPU time of the busiest process, the steadier figure on a shared machine; the goals
+are judged on wall time), the median of ``--repeat`` runs (default 3, 1 and P processes alternating)
+with the range of the wall times; the memory is each process's peak resident set size. The ``pv``
+case times the K fits after one small warm-up fit in each process. The script prints a table, the
+speed-up of P processes over one, the largest relative difference between their estimates, and GOAL
+lines (MET / NOT MET) for the goals of the distributed design:
 2 processes >= 1.6x faster on the 3-level linear model and on the logit at PISA size, >= 1.8x on
 the 20 plausible values, and the 10^7-row model within 24 GiB.
 
