@@ -32,8 +32,9 @@ plain autograd.
 Memory: the node pass needs :math:`N\times M^{q}` (three levels: :math:`N\times M^{q_3}\times M^{q_2}`)
 values. Two levels: nodes are processed in cache-sized chunks and the per-element derivative is kept
 for the backward pass only while :math:`N M^q \le` ``max_chunk_elems`` (recomputed otherwise); with a
-canonical link the rows are processed in blocks of at most ``min(max_chunk_elems, FUSED_BLOCK_ELEMS)``
-elements, value and derivative together, and nothing of size :math:`N M^q` is kept. Three
+canonical link the rows are processed in blocks of at most ``max_chunk_elems`` elements (on the CPU at
+most ``FUSED_BLOCK_ELEMS``, cache-sized; a GPU takes large blocks, few kernel launches), value and
+derivative together, and nothing of size :math:`N M^q` is kept. Three
 levels: outer nodes are processed in chunks of at most ``max_chunk_elems`` elements, each recomputed
 in the backward pass (``torch.utils.checkpoint``) when there is more than one. Memory stays bounded.
 
@@ -68,7 +69,7 @@ __all__ = ["AGQLogLik", "DEFAULT_CHUNK_ELEMS"]
 
 DEFAULT_CHUNK_ELEMS = 2 ** 24
 CACHE_ELEMS = 2 ** 19  # column chunks of the fused two-level node pass (4 MiB of float64)
-FUSED_BLOCK_ELEMS = 2 ** 18  # row blocks of the canonical-link node pass (2 MiB of float64 per array: cache-sized)
+FUSED_BLOCK_ELEMS = 2 ** 18  # CPU row blocks of the canonical-link node pass (2 MiB of float64 per array: cache-sized)
 MODE_RESTARTS = 3
 
 
@@ -180,7 +181,8 @@ class AGQLogLik(nn.Module):
         data = getattr(self, "_fused", None)
         if data is None or data.y is not self.y or data.g.index is not self.g2:
             data = FusedData(self._kernel, self.y, self.w1, self._grouping("g2"),
-                             min(self.max_chunk_elems, FUSED_BLOCK_ELEMS))
+                             min(self.max_chunk_elems, FUSED_BLOCK_ELEMS if self.y.device.type == "cpu"
+                                 else self.max_chunk_elems))
             self._fused = data
         return data
 

@@ -68,8 +68,10 @@ from .segments import Grouping
 
 __all__ = ["AGQHessian", "supports"]
 
-#: Elements of the node arrays of one row block (2 MiB of float64 each: cache-sized).
+#: Elements of the node arrays of one row block on the CPU (2 MiB of float64 each: cache-sized); other devices
+#: take blocks of ``DEVICE_BLOCK_ELEMS`` (few kernel launches).
 BLOCK_ELEMS = 2 ** 18
+DEVICE_BLOCK_ELEMS = 2 ** 24
 
 _ETA_CLAMP = 700.0
 
@@ -156,8 +158,9 @@ class AGQHessian:
         self.moment_one = groups.ones(X.dtype)
         # the node pass runs over cache-sized row blocks of whole groups, each with its weighted sums
         wv, wp = w1[:, None] * v_cols, w1[:, None] * pair_cols
+        elems = BLOCK_ELEMS if X.device.type == "cpu" else DEVICE_BLOCK_ELEMS
         self.blocks = [(b, b.groups.matrix(b.take(w1)), b.groups.stacked(b.take(wv)), b.groups.stacked(b.take(wp)))
-                       for b in groups.blocks(BLOCK_ELEMS // max(int(nodes.shape[0]), 1))]
+                       for b in groups.blocks(elems // max(int(nodes.shape[0]), 1))]
 
     def _node_sums(self, y, eta_hat, a_row):
         r"""Over the nodes :math:`\eta_{ik}=\hat\eta_i+a_iz_k`: :math:`T` sums ``(G, K, M)``,
