@@ -171,7 +171,7 @@ class AGQHessian:
         n_nodes = self.nodes.shape[0]
         m, n_pairs, g = self.X.shape[1] + 1, self.pairs.shape[1], self.groups.n
         like = dict(dtype=eta_hat.dtype, device=eta_hat.device)
-        longest = max(b.n_rows for b, *_ in self.blocks)
+        longest = max((b.n_rows for b, *_ in self.blocks), default=0)
         buf = [torch.empty(longest, n_nodes, **like) for _ in range(3)]
         out_t = torch.empty(g, k_all, n_nodes, **like)
         out_r = torch.empty(m, g, k_all, n_nodes, **like)

@@ -115,7 +115,7 @@ def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool
     like = dict(dtype=base.dtype, device=base.device)
     nodes_t = nodes.transpose(0, 1)
     blocks = data.blocks(n_nodes)
-    longest = max(b.n_rows for b, _ in blocks)
+    longest = max((b.n_rows for b, _ in blocks), default=0)
     t_buf = data.buffer("t", (longest, n_nodes), base)
     r_buf = data.buffer("r", (longest, n_nodes), base) if need_grad else None
     total = torch.empty(n_groups, n_nodes, **like)
