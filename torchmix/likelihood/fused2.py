@@ -87,13 +87,13 @@ class FusedData:
         return buf.fill_(1.0)
 
     def blocks(self, n_nodes: int) -> list:
-        """``[(block, csr), ...]``: the :class:`~torchmix.likelihood.segments.RowBlock` s of a node pass over
+        """``[(block, csr, y), ...]``: the :class:`~torchmix.likelihood.segments.RowBlock` s of a node pass over
         ``n_nodes`` nodes (module docstring), about ``chunk_elems // n_nodes`` rows each, with the CSR of the
-        block's row weights (its weighted group sums)."""
+        block's row weights (its weighted group sums) and its responses."""
         hit = self._blocks.get(n_nodes)
         if hit is None:
             blocks = self.g.blocks(self.chunk_elems // max(n_nodes, 1))
-            hit = self._blocks[n_nodes] = [(b, b.groups.matrix(b.take(self.w1))) for b in blocks]
+            hit = self._blocks[n_nodes] = [(b, b.groups.matrix(b.take(self.w1)), b.take(self.y)) for b in blocks]
         return hit
 
 
@@ -115,7 +115,7 @@ def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool
     like = dict(dtype=base.dtype, device=base.device)
     nodes_t = nodes.transpose(0, 1)
     blocks = data.blocks(n_nodes)
-    longest = max((b.n_rows for b, _ in blocks), default=0)
+    longest = max((b.n_rows for b, *_ in blocks), default=0)
     t_buf = data.buffer("t", (longest, n_nodes), base)
     r_buf = data.buffer("r", (longest, n_nodes), base) if need_grad else None
     total = torch.empty(n_groups, n_nodes, **like)
@@ -126,9 +126,9 @@ def _blocked_pass(data: FusedData, base, a, nodes, lwn, centred, need_grad: bool
         rho = torch.empty(n_rows, **like)
         kap = torch.empty(n_rows, nodes.shape[1], **like)
         ones = data.ones(n_nodes, base)
-    for blk, csr in blocks:
+    for blk, csr, y_b in blocks:
         nb, g0, g1 = blk.n_rows, blk.g0, blk.g1
-        b_b, a_b, y_b = blk.take(bs), blk.take(as_), blk.take(data.y)
+        b_b, a_b = blk.take(bs), blk.take(as_)
         t = _chunk_arg(b_b, a_b, nodes_t, t_buf[:nb])
         r = r_buf[:nb] if need_grad else None
         negate, lf = ker.apply(t, r, y_b)
